@@ -1,0 +1,29 @@
+import os
+
+from setuptools import find_packages, setup
+
+setup(
+    name="symnoise-megatron",
+    version="0.1.0",
+    description="Instruction fine-tuning with noisy embeddings (SymNoise, NEFTune) on megatron-core",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["symnoise_megatron", "symnoise_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # 0.16.1 is what CI tests (the last release for Python 3.11); newer ones are not capped.
+        "megatron-core>=0.16.1",
+        "numpy",
+        "sentencepiece",
+        "datasets",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.45", "tokenizers"],
+        "te": ["transformer-engine[pytorch]>=2.9"],
+    },
+)

@@ -1,0 +1,170 @@
+"""Build megatron-core ``GPTModel`` chunks with the noisy embedding in place."""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding import NoisyVocabParallelEmbedding
+from symnoise_megatron.runtime.parallel import ParallelConfig
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def make_transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for ``model`` under ``parallel``.
+
+    ``overrides`` are TransformerConfig fields (``fp8``, ``fp8_recipe``,
+    ``recompute_granularity``, ...) passed through unchanged.
+    """
+    llama = model.architecture == "llama"
+    on_gpu = torch.cuda.is_available()
+    fields = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=llama,
+        activation_func=F.silu if llama else F.relu,
+        add_bias_linear=not llama,
+        add_qkv_bias=not llama,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
+        context_parallel_size=parallel.context_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        # The loss is averaged over the loss tokens of the whole global batch.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu and not llama,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    fields.update(overrides)
+    with warnings.catch_warnings():
+        # megatron-core 0.16 warns about its own default cuda_graph_scope.
+        warnings.filterwarnings("ignore", message="full scope is deprecated")
+        return TransformerConfig(**fields)
+
+
+def layer_spec(model: ModelConfig, use_transformer_engine: bool):
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(
+        normalization="RMSNorm" if model.architecture == "llama" else "LayerNorm"
+    )
+
+
+def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
+    """LLaMA-3.1 rope scaling with every parameter from config.json, not only the factor."""
+    if model.rope_scaling is None or not hasattr(gpt, "rotary_pos_emb"):
+        return
+    rotary = gpt.rotary_pos_emb
+    dim = model.head_dim
+    inv_freq = 1.0 / (
+        model.rotary_base
+        ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device) / dim)
+    )
+    scaling = model.rope_scaling
+    rotary.inv_freq = rotary._apply_scaling(
+        inv_freq,
+        factor=scaling["factor"],
+        low_freq_factor=scaling.get("low_freq_factor", 1.0),
+        high_freq_factor=scaling.get("high_freq_factor", 4.0),
+        original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    noise: NoiseConfig,
+    config: TransformerConfig,
+    *,
+    make_vocab_size_divisible_by: int = 128,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    use_transformer_engine: Optional[bool] = None,
+) -> GPTModel:
+    """One ``GPTModel`` chunk of this rank with :class:`NoisyVocabParallelEmbedding` in place.
+
+    ``pre_process``/``post_process`` default to whether this rank (and ``vp_stage``) holds
+    the first/last pipeline stage. The Transformer Engine spec is used when TE and a GPU are
+    present (override with ``use_transformer_engine``), megatron-core's local spec otherwise.
+    """
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, use_transformer_engine),
+        vocab_size=padded_vocab_size(
+            model.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size
+        ),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope" if model.architecture == "llama" else "learned_absolute",
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )
+    _apply_rope_scaling(gpt, model)
+    if pre_process:
+        gpt.embedding.word_embeddings = NoisyVocabParallelEmbedding.replacing(
+            gpt.embedding.word_embeddings, noise, config
+        )
+    return gpt
+
+
+def build_model_chunks(
+    model: ModelConfig, noise: NoiseConfig, config: TransformerConfig, **kwargs
+) -> List[GPTModel]:
+    """This rank's model chunks: one, or one per virtual stage with interleaving."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_gpt_model(model, noise, config, **kwargs)]
+    return [build_gpt_model(model, noise, config, vp_stage=stage, **kwargs) for stage in range(vpp)]

@@ -1,0 +1,131 @@
+"""Model shapes: LLaMA-1/2/3 and OPT presets, and the tiny model of the demo and tests."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+ARCHITECTURES = ("llama", "opt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only model, as Hugging Face's config.json states it.
+
+    Attributes:
+        architecture: ``llama`` (RMSNorm, SwiGLU, rope, no biases) or ``opt`` (LayerNorm,
+            ReLU, learned absolute positions, biases).
+        num_layers, hidden_size, num_attention_heads, ffn_hidden_size: the usual shape.
+        num_query_groups: key/value heads (GQA); ``None`` means one per attention head.
+        vocab_size: the tokenizer's vocabulary, before padding for tensor parallelism.
+        max_position_embeddings: longest sequence (OPT's learned position table size).
+        rotary_base: rope theta (LLaMA-1/2 10000, LLaMA-3 500000).
+        rope_scaling: LLaMA-3.1 style scaling (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``) or ``None``.
+        norm_epsilon: epsilon of RMSNorm / LayerNorm.
+        tie_word_embeddings: output layer shares the embedding (OPT, small LLaMAs).
+        init_method_std: std of the random initialisation (used only without --load).
+    """
+
+    architecture: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 176
+    vocab_size: int = 1000
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict] = field(default=None, hash=False, compare=True)
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {self.query_groups}"
+            )
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_parameters(self) -> int:
+        """Parameters of the unpadded model (embedding counted once when tied)."""
+        d, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        kv = self.query_groups * self.head_dim
+        if self.architecture == "llama":
+            layer = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d
+            extra = d
+        else:
+            layer = d * (d + 2 * kv) + (d + 2 * kv) + d * d + d + 2 * d * f + f + d + 4 * d
+            extra = 2 * d + self.max_position_embeddings * d
+        embeddings = v * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embeddings + extra
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's padding: a multiple of ``make_vocab_size_divisible_by * tp``."""
+    multiple = make_vocab_size_divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+PRESETS = {
+    "tiny": ModelConfig(),
+    "llama1-7b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+        vocab_size=32000, max_position_embeddings=2048, norm_epsilon=1e-6,
+    ),
+    "llama2-7b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+        vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama2-13b": ModelConfig(
+        num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824,
+        vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama2-70b": ModelConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+        ffn_hidden_size=28672, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama3-8b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500000.0,
+    ),
+    "llama3-70b": ModelConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+        ffn_hidden_size=28672, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500000.0,
+    ),
+    "opt-6.7b": ModelConfig(
+        architecture="opt", num_layers=32, hidden_size=4096, num_attention_heads=32,
+        ffn_hidden_size=16384, vocab_size=50272, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return replace(PRESETS[name], **overrides)

@@ -1,0 +1,120 @@
+"""``NoisyVocabParallelEmbedding``: megatron-core's vocabulary-parallel embedding plus noise."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding_noise import embedding_noise, noise_scale
+
+
+@dataclass
+class NoiseBatch:
+    """What the embedding needs to know about one micro-batch to noise it.
+
+    Attributes:
+        sample_uids: [b] global consumed-sample index of each row, or [b, s] per token
+            for packed rows.
+        positions: [b, s] position of each token in its sample, as this rank holds the
+            tokens (under context parallelism, the global positions of its slice).
+        lengths: [b] or [b, s] real length of each token's sample.
+        sign: +1 / -1 for the whole micro-batch (``microbatch`` pairing), or a [b] tensor
+            per row (``concat`` pairing's doubled micro-batch).
+    """
+
+    sample_uids: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    sign: Union[int, torch.Tensor] = 1
+
+
+class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
+    """Adds the configured embedding noise after the tensor-parallel reduce.
+
+    The noise is added in training mode only, to real tokens only, after the all-reduce (or
+    the reduce-scatter under sequence parallelism, where each rank adds only the sequence
+    slice it holds), so every rank of a tensor-parallel group holds the same noised
+    activations before the first transformer layer and any pipeline boundary.
+
+    The forward step hands each micro-batch's :class:`NoiseBatch` through
+    :func:`set_noise_batch` before calling the model.
+    """
+
+    def __init__(self, *args, noise_config: NoiseConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise_config = noise_config
+        self.noise_batch: Optional[NoiseBatch] = None
+        # Mean per-token scale of the last noised micro-batch, for logging.
+        self.last_noise_scale: float = 0.0
+
+    @classmethod
+    def replacing(cls, embedding: VocabParallelEmbedding, noise_config: NoiseConfig, config):
+        """A noisy embedding that takes over ``embedding``'s weight Parameter itself.
+
+        Keeping the same Parameter object keeps the attributes megatron-core set on it
+        (tied output layer, embedding-group all-reduce, tensor-parallel metadata).
+        """
+        noisy = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            init_method=lambda weight: None,
+            reduce_scatter_embeddings=embedding.reduce_scatter_embeddings,
+            config=dataclasses.replace(config, perform_initialization=False, use_cpu_initialization=True),
+            tp_group=embedding.tp_group,
+            noise_config=noise_config,
+        )
+        noisy.weight = embedding.weight
+        noisy.deterministic_mode = embedding.deterministic_mode
+        return noisy
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        output = super().forward(input_)
+        if not self.training or not self.noise_config.enabled:
+            return output
+        batch = self.noise_batch
+        if batch is None:
+            raise RuntimeError(
+                "NoisyVocabParallelEmbedding in training mode got no NoiseBatch: call "
+                "set_noise_batch(model, batch) in the forward step before the model"
+            )
+        if batch.positions.shape != input_.shape:
+            raise ValueError(
+                f"NoiseBatch positions {tuple(batch.positions.shape)} do not match the "
+                f"input tokens {tuple(input_.shape)}"
+            )
+        positions, uids, lengths = batch.positions, batch.sample_uids, batch.lengths
+        if self.reduce_scatter_embeddings:
+            # Output is this rank's sequence slice, [s/tp, b, h].
+            local = output.shape[0]
+            rank = self.tp_group.rank()
+            window = slice(rank * local, (rank + 1) * local)
+            positions = positions[:, window]
+            uids = uids[:, window] if uids.dim() == 2 else uids
+            lengths = lengths[:, window] if lengths.dim() == 2 else lengths
+        noise = embedding_noise(
+            self.noise_config, uids, positions, lengths, self.embedding_dim,
+            sign=batch.sign, dtype=output.dtype,
+        )
+        self.last_noise_scale = float(
+            noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
+        )
+        if self.reduce_scatter_embeddings:
+            noise = noise.transpose(0, 1)
+        return output + noise.to(output.device)
+
+
+def noisy_embeddings(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]):
+    """The :class:`NoisyVocabParallelEmbedding` modules of a model (chunk list or wrapper)."""
+    modules = [model] if isinstance(model, torch.nn.Module) else list(model)
+    return [m for chunk in modules for m in chunk.modules() if isinstance(m, NoisyVocabParallelEmbedding)]
+
+
+def set_noise_batch(model, batch: Optional[NoiseBatch]) -> None:
+    """Hand ``batch`` to the noisy embedding(s) of ``model`` for the next forward."""
+    for embedding in noisy_embeddings(model):
+        embedding.noise_batch = batch

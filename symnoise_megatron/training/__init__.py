@@ -1,0 +1,1 @@
+"""The training step: micro-batches, the symmetric pairing, the forward step."""

@@ -1,0 +1,128 @@
+"""Micro-batches as the forward step consumes them, and the pairing of a symmetric step."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Union
+
+import torch
+
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding import NoiseBatch
+
+
+def attention_mask_from_positions(positions: torch.Tensor) -> torch.Tensor:
+    """megatron's boolean mask [b, 1, s, s] (True = masked): causal within each sample.
+
+    A packed row's samples start where the position restarts at 0, so attention never
+    crosses from one sample into another.
+    """
+    segments = torch.cumsum((positions == 0).to(torch.int64), dim=1)
+    same_segment = segments[:, :, None] == segments[:, None, :]
+    seq = positions.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
+    return ~(same_segment & causal)[:, None]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch. Shapes are [b, s] unless stated.
+
+    Attributes:
+        tokens: input token ids.
+        labels: next-token targets.
+        loss_mask: 1 on tokens whose prediction counts (response tokens), else 0.
+        position_ids: position of each token within its own sample.
+        attention_mask: [b, 1, s, s] boolean, True where attention is masked.
+        sample_uids: [b], or [b, s] for packed rows: global consumed-sample index.
+        lengths: [b], or [b, s] for packed rows: real length of each token's sample.
+        sign: +1/-1, or a [b] tensor per row: the symmetric copy each row carries.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    sample_uids: torch.Tensor
+    lengths: torch.Tensor
+    sign: Union[int, torch.Tensor] = 1
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    def noise_batch(self) -> NoiseBatch:
+        return NoiseBatch(self.sample_uids, self.position_ids, self.lengths, self.sign)
+
+    def to(self, device) -> "MicroBatch":
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+    def doubled(self) -> "MicroBatch":
+        """``concat`` pairing: ``[X + s*eps ; X - s*eps]`` with everything duplicated."""
+        twice = {
+            f.name: torch.cat([getattr(self, f.name)] * 2)
+            for f in dataclasses.fields(self)
+            if f.name != "sign"
+        }
+        sign = torch.cat([torch.ones(self.size), -torch.ones(self.size)]).to(torch.int64)
+        return MicroBatch(**twice, sign=sign)
+
+    def with_sign(self, sign: int) -> "MicroBatch":
+        return dataclasses.replace(self, sign=sign)
+
+
+def paired_microbatches(
+    microbatches: Iterable[MicroBatch], noise: NoiseConfig
+) -> Iterator[MicroBatch]:
+    """The micro-batches a step runs: as given, or both symmetric copies of each.
+
+    ``concat`` yields each micro-batch doubled; ``microbatch`` yields it twice, with the
+    signs +1 then -1, so the number of micro-batches per step doubles instead.
+    """
+    for microbatch in microbatches:
+        if not noise.is_symmetric:
+            yield microbatch
+        elif noise.pairing == "concat":
+            yield microbatch.doubled()
+        else:
+            yield microbatch.with_sign(1)
+            yield microbatch.with_sign(-1)
+
+
+def microbatches_per_step(num_microbatches: int, noise: NoiseConfig) -> int:
+    """How many micro-batches the schedule runs for ``num_microbatches`` of data."""
+    if noise.is_symmetric and noise.pairing == "microbatch":
+        return 2 * num_microbatches
+    return num_microbatches
+
+
+def microbatch_rows(micro_batch_size: int, noise: NoiseConfig) -> int:
+    """Rows of each micro-batch the pipeline stages exchange (doubled by ``concat``)."""
+    if noise.is_symmetric and noise.pairing == "concat":
+        return 2 * micro_batch_size
+    return micro_batch_size
+
+
+def context_parallel_index(seq_length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """The sequence positions a context-parallel rank holds, as megatron-core splits them.
+
+    The sequence is cut into ``2 * cp_size`` chunks and rank r keeps chunks r and
+    ``2 * cp_size - 1 - r``, which balances causal attention work across ranks.
+    """
+    if seq_length % (2 * cp_size):
+        raise ValueError(
+            f"sequence length {seq_length} is not divisible by 2 x context-parallel size {cp_size}"
+        )
+    chunk = seq_length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second_start = (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([first, torch.arange(second_start, second_start + chunk)])
