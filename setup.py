@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["symnoise_megatron", "symnoise_megatron.*"]),
+    package_data={"symnoise_megatron.data": ["bundled/*.json", "bundled/*.model", "bundled/*.md"]},
     install_requires=[
         "torch>=2.4",
         # 0.16.1 is what CI tests (the last release for Python 3.11); newer ones are not capped.

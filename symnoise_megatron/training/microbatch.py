@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 
@@ -68,16 +68,25 @@ class MicroBatch:
 
     def doubled(self) -> "MicroBatch":
         """``concat`` pairing: ``[X + s*eps ; X - s*eps]`` with everything duplicated."""
-        twice = {
-            f.name: torch.cat([getattr(self, f.name)] * 2)
-            for f in dataclasses.fields(self)
-            if f.name != "sign"
-        }
-        sign = torch.cat([torch.ones(self.size), -torch.ones(self.size)]).to(torch.int64)
-        return MicroBatch(**twice, sign=sign)
+        return concatenate([self.with_sign(1), self.with_sign(-1)])
 
     def with_sign(self, sign: int) -> "MicroBatch":
         return dataclasses.replace(self, sign=sign)
+
+
+def concatenate(microbatches: Sequence[MicroBatch]) -> MicroBatch:
+    """Rows of several micro-batches as one; the sign becomes per row."""
+    fields = {
+        f.name: torch.cat([getattr(mb, f.name) for mb in microbatches])
+        for f in dataclasses.fields(MicroBatch)
+        if f.name != "sign"
+    }
+    signs = [
+        mb.sign.to(torch.int64) if isinstance(mb.sign, torch.Tensor) else torch.full((mb.size,), mb.sign)
+        for mb in microbatches
+    ]
+    sign = torch.cat(signs)
+    return MicroBatch(**fields, sign=int(sign[0]) if bool((sign == sign[0]).all()) else sign)
 
 
 def paired_microbatches(

@@ -1,0 +1,113 @@
+"""Input files -> raw rows, each with the file and row number that error messages name.
+
+JSON Lines and JSON arrays are read here line by line, so a malformed line is reported (or
+skipped) by its number without losing the rest of the file: ``datasets``' JSON loader fails
+the whole file on one bad line and names no row. Parquet files and saved ``datasets``
+directories are read through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
+
+
+class RawRow(NamedTuple):
+    """A row before parsing: a JSON text (JSONL) or an already-decoded object."""
+
+    source: str
+    row: int  # 1-based: the line of a JSONL file, the element of a JSON array or table
+    payload: Union[str, dict]
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+    """Files and ``datasets`` directories named by paths or globs, in the order given."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise FileNotFoundError(f"--input {pattern}: no such file or directory")
+        paths.extend(matches)
+    return paths
+
+
+def input_kind(path: str) -> str:
+    if os.path.isdir(path):
+        return "datasets"
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if lower.endswith(".json"):
+        with open(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+        return "json" if head.startswith(b"[") else "jsonl"
+    raise ValueError(f"{path}: unknown input type (expected .json, .jsonl, .parquet or a datasets directory)")
+
+
+def _table_rows(path: str, split: Optional[str]) -> Iterator[RawRow]:
+    import datasets
+
+    if os.path.isdir(path):
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            name = split or ("train" if "train" in data else next(iter(data)))
+            if name not in data:
+                raise ValueError(f"{path}: no split {name!r} (has {', '.join(data)})")
+            data = data[name]
+    else:
+        data = datasets.Dataset.from_parquet(path)
+    for index, record in enumerate(data, start=1):
+        yield RawRow(path, index, record)
+
+
+def _json_array_rows(path: str) -> Iterator[RawRow]:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    for index, record in enumerate(records, start=1):
+        yield RawRow(path, index, record)
+
+
+def _jsonl_rows(path: str) -> Iterator[RawRow]:
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle, start=1):
+            if line.strip():
+                yield RawRow(path, index, line)
+
+
+def count_rows(path: str) -> Optional[int]:
+    """Rows in a file, cheaply where possible (for the progress bar)."""
+    kind = input_kind(path)
+    if kind == "jsonl":
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+def read_rows(path: str, split: Optional[str] = None) -> Iterator[RawRow]:
+    kind = input_kind(path)
+    if kind == "jsonl":
+        return _jsonl_rows(path)
+    if kind == "json":
+        return _json_array_rows(path)
+    return _table_rows(path, split)
+
+
+def first_record(path: str, split: Optional[str] = None) -> dict:
+    """The first decodable row of a file, for format detection."""
+    for raw in read_rows(path, split):
+        if isinstance(raw.payload, dict):
+            return raw.payload
+        try:
+            value = json.loads(raw.payload)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise ValueError(f"{path}: no JSON object found to detect the format from")

@@ -1,0 +1,136 @@
+"""The training side of the data path: indexed files -> padded or packed micro-batches."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from symnoise_megatron.data.preprocess import output_paths
+from symnoise_megatron.training.microbatch import MicroBatch, attention_mask_from_positions
+
+
+class SFTIndexedData:
+    """The tokens and loss-mask indexed datasets of one output prefix, checked for completeness."""
+
+    def __init__(self, prefix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        paths = output_paths(prefix)
+        for key in ("tokens", "loss_mask"):
+            for suffix in (".bin", ".idx"):
+                if not os.path.exists(paths[key] + suffix):
+                    raise FileNotFoundError(f"--data-path {prefix}: {paths[key] + suffix} does not exist")
+        if not os.path.exists(paths["meta"]):
+            raise FileNotFoundError(
+                f"--data-path {prefix}: {paths['meta']} is missing, so the preprocessing did not finish; run it again"
+            )
+        with open(paths["meta"], encoding="utf-8") as handle:
+            self.meta = json.load(handle)
+        self.tokens = IndexedDataset(paths["tokens"])
+        self.loss_mask = IndexedDataset(paths["loss_mask"])
+        if not (len(self.tokens) == len(self.loss_mask) == self.meta["samples"]):
+            raise ValueError(
+                f"--data-path {prefix}: {len(self.tokens)} token sequences, {len(self.loss_mask)} loss masks and "
+                f"{self.meta['samples']} samples in the meta file do not agree"
+            )
+        if not np.array_equal(self.tokens.sequence_lengths, self.loss_mask.sequence_lengths):
+            raise ValueError(f"--data-path {prefix}: token and loss-mask sequence lengths differ")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        # Copies: megatron's arrays are views of a memory map that closes with the dataset.
+        return np.array(self.tokens[index]), np.array(self.loss_mask[index])
+
+
+def split_indices(num_samples: int, split: Sequence[float], seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Train and validation dataset indices: a seeded shuffle cut by the ``--split`` weights."""
+    weights = np.asarray(list(split)[:2], dtype=np.float64)
+    if weights.sum() <= 0 or (weights < 0).any():
+        raise ValueError(f"--split weights must be non-negative with a positive sum, got {list(split)}")
+    order = np.random.default_rng([seed, 0x5917]).permutation(num_samples)
+    num_train = int(round(num_samples * weights[0] / weights.sum()))
+    return np.sort(order[:num_train]), np.sort(order[num_train:])
+
+
+@dataclass
+class Sample:
+    uid: int
+    tokens: np.ndarray  # the stored sequence: inputs are tokens[:-1], targets tokens[1:]
+    loss_mask: np.ndarray
+
+
+def _inputs(sample: Sample, seq_length: int):
+    """Input tokens, targets, loss mask, each at most ``seq_length`` long."""
+    tokens = torch.from_numpy(sample.tokens.astype(np.int64))[: seq_length + 1]
+    mask = torch.from_numpy(sample.loss_mask.astype(np.float32))[: seq_length + 1]
+    return tokens[:-1], tokens[1:], mask[1:]
+
+
+def collate(samples: List[Sample], seq_length: int, pad_id: int = 0) -> MicroBatch:
+    """One sample per row, padded to ``seq_length``; padding has no loss and no noise."""
+    rows = len(samples)
+    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.int64)
+    labels = torch.zeros((rows, seq_length), dtype=torch.int64)
+    loss_mask = torch.zeros((rows, seq_length))
+    lengths = torch.zeros(rows, dtype=torch.int64)
+    for row, sample in enumerate(samples):
+        inputs, targets, mask = _inputs(sample, seq_length)
+        n = inputs.numel()
+        tokens[row, :n], labels[row, :n], loss_mask[row, :n] = inputs, targets, mask
+        lengths[row] = n
+    # Padding continues the positions, so position >= length marks it for the noise.
+    positions = torch.arange(seq_length).expand(rows, seq_length).clone()
+    uids = torch.tensor([s.uid for s in samples], dtype=torch.int64)
+    return MicroBatch(tokens, labels, loss_mask, positions, attention_mask_from_positions(positions), uids, lengths)
+
+
+def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroBatch]:
+    """Samples packed first-fit-decreasing into rows of ``seq_length``; one row per MicroBatch.
+
+    Each sample keeps its own positions (restarting at 0), uid and length per token, targets
+    never cross into the next sample, and the attention mask is block-diagonal causal.
+    """
+    pieces = [(sample, *_inputs(sample, seq_length)) for sample in samples]
+    order = sorted(range(len(pieces)), key=lambda i: (-pieces[i][1].numel(), i))
+    rows: List[List[int]] = []
+    free: List[int] = []
+    for index in order:
+        n = pieces[index][1].numel()
+        for row, space in enumerate(free):
+            if n <= space:
+                rows[row].append(index)
+                free[row] -= n
+                break
+        else:
+            rows.append([index])
+            free.append(seq_length - n)
+    out = []
+    for members in rows:
+        tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
+        labels = torch.zeros(seq_length, dtype=torch.int64)
+        loss_mask = torch.zeros(seq_length)
+        positions = torch.zeros(seq_length, dtype=torch.int64)
+        uids = torch.zeros(seq_length, dtype=torch.int64)
+        lengths = torch.zeros(seq_length, dtype=torch.int64)
+        cursor = 0
+        for index in sorted(members):
+            sample, inputs, targets, mask = pieces[index]
+            n = inputs.numel()
+            span = slice(cursor, cursor + n)
+            tokens[span], labels[span], loss_mask[span] = inputs, targets, mask
+            positions[span] = torch.arange(n)
+            uids[span], lengths[span] = sample.uid, n
+            cursor += n
+        if cursor < seq_length:  # tail padding: the last sample's uid, positions past its end
+            positions[cursor:] = torch.arange(cursor, seq_length) - (cursor - lengths[cursor - 1])
+            uids[cursor:], lengths[cursor:] = uids[cursor - 1], lengths[cursor - 1]
+        out.append(MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None],
+                              attention_mask_from_positions(positions[None]), uids[None], lengths[None]))
+    return out
