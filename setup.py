@@ -22,6 +22,8 @@ setup(
         "safetensors",
         "tqdm",
         "pyyaml",
+        # megatron-core's torch_dist checkpoint writer imports it without declaring it.
+        "psutil",
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45", "tokenizers"],

@@ -1,0 +1,1 @@
+"""Checkpoints: Hugging Face conversion, megatron-core distributed checkpoints."""

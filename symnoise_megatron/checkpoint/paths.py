@@ -1,0 +1,59 @@
+"""Megatron-LM's checkpoint directory layout: ``latest_checkpointed_iteration.txt`` and
+``release/`` or ``iter_0000100/`` beside it, plus the project's ``symnoise_checkpoint.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+TRACKER = "latest_checkpointed_iteration.txt"
+INFO = "symnoise_checkpoint.json"
+HF_ASSETS = "hf_assets"
+RELEASE = "release"
+
+
+def iteration_dir(root: str, iteration: Optional[int]) -> str:
+    return os.path.join(root, RELEASE if iteration is None else f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration the tracker names: None for ``release``."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{root}: no {TRACKER}; is this a megatron checkpoint directory?")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read().strip()
+    if text == RELEASE:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def write_tracker(root: str, iteration: Optional[int]) -> None:
+    """Point the tracker at a complete checkpoint, atomically."""
+    temporary = os.path.join(root, TRACKER + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(RELEASE if iteration is None else str(iteration))
+    os.replace(temporary, os.path.join(root, TRACKER))
+
+
+def latest_checkpoint_dir(root: str) -> str:
+    return iteration_dir(root, read_tracker(root))
+
+
+def read_info(root: str) -> dict:
+    path = os.path.join(root, INFO)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by symnoise-megatron")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_info(root: str, info: dict) -> None:
+    temporary = os.path.join(root, INFO + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    os.replace(temporary, os.path.join(root, INFO))

@@ -1,0 +1,61 @@
+"""Conversion memory: each rank holds what it owns plus the tensor being read, not the model.
+
+safetensors maps the HF files: tensors copied unchanged stay file-backed pages until the
+checkpoint writer reads them, and only transformed ones (QKV, [gate; up]) become anonymous
+memory. The bound is on the resident set actually sampled during the conversion.
+"""
+
+import os
+
+import pytest
+
+from tests.checkpoint.conftest import make_hf_model
+from tests.distributed import run_distributed
+
+MB = 2**20
+
+
+def convert_and_measure(hf_dir, megatron_dir):
+    import threading
+
+    import psutil
+    import torch.distributed as dist
+
+    from symnoise_megatron.checkpoint.convert import hf_to_megatron
+
+    # Sampled, not ru_maxrss: that high-water mark already holds the import-time peak.
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    before = process.memory_info().rss
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        hf_to_megatron(hf_dir, megatron_dir, progress=False)
+    finally:
+        done.set()
+        sampler.join()
+    return {"rank": dist.get_rank(), "growth": peak[0] - before}
+
+
+def test_each_rank_holds_what_it_owns(tmp_path):
+    # 58M parameters (232 MB fp32) in 20 MB shards: embeddings 2 x 65 MB, 8 layers of 12.6 MB.
+    hf_dir = make_hf_model("llama", dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                                         num_key_value_heads=8, num_hidden_layers=8, vocab_size=32000),
+                           str(tmp_path / "hf"), max_shard_size="20MB")
+    shards = [f for f in os.listdir(hf_dir) if f.endswith(".safetensors")]
+    assert len(shards) >= 5
+    model_bytes = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in shards)
+    layer_bytes = (4 * 512 * 512 + 3 * 512 * 1376 + 2 * 512) * 4
+    embedding_bytes = 32000 * 512 * 4
+    results = {r["rank"]: r["growth"] for r in run_distributed(convert_and_measure, 2, hf_dir, str(tmp_path / "mg"))}
+    owned = {0: 2 * embedding_bytes + 4 * layer_bytes + 512 * 4, 1: 4 * layer_bytes}
+    print({rank: f"{growth / MB:.0f} MB grown, owns {owned[rank] / MB:.0f} MB" for rank, growth in results.items()},
+          f"model {model_bytes / MB:.0f} MB")
+    # The bound: twice what a rank owns (the tensor read and its converted copy) plus 64 MB.
+    for rank, growth in results.items():
+        assert growth <= 2 * owned[rank] + 64 * MB, (rank, growth / MB)
+    assert results[1] < model_bytes / 2
