@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed as dist
 
-from symnoise_megatron.runtime.cpu import cpu_runtime, is_cpu_only
+from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 from symnoise_megatron.runtime.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 
 
@@ -51,10 +51,8 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if is_cpu_only():
-        with cpu_runtime():
-            return run(args)
-    return run(args)
+    with runtime_for_this_machine():
+        return run(args)
 
 
 if __name__ == "__main__":

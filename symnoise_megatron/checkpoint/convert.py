@@ -200,7 +200,7 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
     writer.close()
     with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as handle:
         config = hf_config_from_model(model, info.get("hf_config"))
-        config["torch_dtype"] = config["dtype"] = str(next(iter(metadata.values())).dtype).replace("torch.", "")
+        config["torch_dtype"] = config["dtype"] = str(metadata["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
         json.dump(config, handle, indent=2)
     copy_files(os.path.join(load_dir, paths.HF_ASSETS), save_dir, HF_ASSET_FILES)
     return model

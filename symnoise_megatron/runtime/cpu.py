@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places that matter for a small model:
 factory calls with ``device="cuda"`` or ``torch.cuda.current_device()``, ``Tensor.cuda()``,
-``torch.cuda.synchronize()`` in the p2p code, and the CUDA RNG tracker that dropout forks.
+``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks, and
+gradient clipping's check that ``Tensor.type()`` names a CUDA tensor.
 :func:`cpu_runtime` redirects exactly those to CPU for as long as it is entered.
 
 It is entered explicitly by the launcher when no GPU is present and never on the GPU path:
@@ -46,6 +47,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         elif func is torch.Tensor.cuda:
             return args[0]
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's gradient clipping asserts 'torch.cuda.FloatTensor'.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         elif func is torch.Tensor.to:
             if _is_cuda(kwargs.get("device")):
                 kwargs["device"] = "cpu"
@@ -95,3 +100,8 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
 def is_cpu_only() -> bool:
     """True where the job must run on CPU with gloo."""
     return not torch.cuda.is_available()
+
+
+def runtime_for_this_machine():
+    """The CPU runtime where there is no GPU, else nothing: how every entry point runs."""
+    return cpu_runtime() if is_cpu_only() else contextlib.nullcontext()

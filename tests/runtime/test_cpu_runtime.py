@@ -17,10 +17,13 @@ def test_cuda_placements_become_cpu_inside_only():
         assert torch.ones(2).to("cuda").device.type == "cpu"
         assert torch.arange(4, device=torch.cuda.current_device()).device.type == "cpu"
         torch.cuda.synchronize()
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type(torch.float64).dtype == torch.float64
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         with get_cuda_rng_tracker().fork():
             torch.nn.functional.dropout(torch.ones(4), 0.5)
+    assert torch.ones(1).type() == "torch.FloatTensor"
     if not torch.cuda.is_available():
         with pytest.raises((AssertionError, RuntimeError)):
             torch.zeros(2, device="cuda")

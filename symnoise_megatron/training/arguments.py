@@ -1,0 +1,168 @@
+"""The fine-tuning job's configuration: Megatron-LM's flag names, a YAML/JSON file, defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+from symnoise_megatron.model.config import PRESETS
+from symnoise_megatron.noise.config import NOISE_KINDS, PAIRINGS
+
+
+@dataclass
+class TrainingConfig:
+    """Every option of ``python -m symnoise_megatron.finetune``; the flag is the field name
+    with dashes. Defaults follow NEFTune's Alpaca recipe where one applies (lr 5e-5, global
+    batch 128, sequence 512)."""
+
+    # data
+    data_path: List[str] = field(default_factory=list)  # one preprocessed prefix (PREFIX_tokens.bin ...)
+    split: str = "98,2"                # train,validation weights of a seeded shuffle
+    seq_length: int = 512
+    pack_sequences: bool = False       # several samples per row; attention and loss never cross them
+    # model
+    model: str = "tiny"                # a preset; with --load the shape comes from the checkpoint
+    load: Optional[str] = None
+    finetune: bool = False             # --load gives weights only, from iteration 0 (a checkpoint in --save still resumes)
+    make_vocab_size_divisible_by: int = 128
+    # parallelism
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    # optimisation
+    micro_batch_size: int = 1
+    global_batch_size: int = 128
+    train_iters: Optional[int] = None
+    train_epochs: Optional[float] = None
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    seed: int = 1234
+    # precision and memory
+    bf16: bool = False
+    fp8_format: Optional[str] = None   # e4m3 | hybrid (GPU, Transformer Engine)
+    fp8_recipe: str = "delayed"
+    recompute_granularity: Optional[str] = None  # full | selective
+    # noise
+    noise_kind: str = "symmetric"
+    noise_alpha: float = 5.0
+    noise_pairing: str = "concat"
+    noise_seed: int = 1234
+    # checkpoints, evaluation, logging
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if not self.data_path:
+            raise ValueError("--data-path is required")
+        if len(self.data_path) != 1:
+            raise ValueError("--data-path takes one preprocessed prefix; concatenate inputs at preprocessing")
+        if (self.train_iters is None) == (self.train_epochs is None):
+            raise ValueError("give exactly one of --train-iters and --train-epochs")
+        if self.model not in PRESETS and self.load is None:
+            raise ValueError(f"--model {self.model!r} is not a preset ({', '.join(sorted(PRESETS))})")
+        if self.noise_kind not in NOISE_KINDS or self.noise_pairing not in PAIRINGS:
+            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
+            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not constant, linear, cosine or inverse-square-root")
+        if self.save_interval and not self.save:
+            raise ValueError("--save-interval needs --save")
+        for prefix in self.data_path:
+            if not os.path.exists(prefix + "_tokens.bin"):
+                raise FileNotFoundError(f"--data-path {prefix}: {prefix}_tokens.bin does not exist")
+        if self.load and not os.path.exists(os.path.join(self.load, "latest_checkpointed_iteration.txt")):
+            raise FileNotFoundError(f"--load {self.load}: no latest_checkpointed_iteration.txt there")
+
+    @property
+    def split_weights(self) -> List[float]:
+        return [float(x) for x in self.split.split(",")]
+
+
+HELP = {
+    "data_path": "the output prefix of tools/preprocess_data.py",
+    "split": "train,validation weights of a seeded shuffle of the samples",
+    "seq_length": "tokens per row; longer samples are cut",
+    "pack_sequences": "pack several samples per row (attention and loss never cross samples)",
+    "model": "model preset when not loading a checkpoint",
+    "load": "a megatron checkpoint directory (converted or trained)",
+    "finetune": "take only the weights of --load and start at iteration 0",
+    "num_layers_per_virtual_pipeline_stage": "interleaved 1F1B: layers per virtual stage",
+    "train_epochs": "instead of --train-iters: epochs over the train split",
+    "lr_warmup_fraction": "fraction of the iterations spent warming up the learning rate",
+    "fp8_format": "e4m3 or hybrid: FP8 through Transformer Engine (GPU)",
+    "fp8_recipe": "delayed, tensorwise or blockwise scaling (GPU)",
+    "recompute_granularity": "full or selective activation recomputation",
+    "noise_kind": "none | uniform (NEFTune) | gaussian | bernoulli | symmetric (SymNoise)",
+    "noise_alpha": "noise strength; scale = alpha / sqrt(L * d). Paper: Alpaca 5, Evol-Instruct 5, ShareGPT 10, OpenPlatypus 15",
+    "noise_pairing": "symmetric copies: concat (doubled micro-batch) or microbatch (consecutive micro-batches)",
+    "noise_seed": "seed of the counter-based noise",
+    "save": "checkpoint directory; a checkpoint already there is resumed",
+    "exit_interval": "save and exit after this many iterations",
+    "exit_duration_in_mins": "save and exit after this many minutes",
+    "eval_interval": "validation loss (no noise) every this many iterations",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m symnoise_megatron.finetune",
+        description="Instruction fine-tuning with noisy embeddings (SymNoise) on megatron-core. "
+        "Run under torchrun; without a GPU it runs on CPU with gloo.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file whose keys are these flags' names (command line wins)")
+    for item in fields(TrainingConfig):
+        default = item.default if item.default is not item.default_factory else None
+        kind = item.type if isinstance(item.type, str) else item.type.__name__
+        text = HELP.get(item.name, "")
+        if kind == "bool":
+            parser.add_argument(_flag(item.name), action="store_true", default=None, help=text)
+        elif "List" in kind:
+            parser.add_argument(_flag(item.name), nargs="+", default=None, help=text)
+        else:
+            caster = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(_flag(item.name), type=caster, default=None, help=f"{text} (default: {default})".strip())
+    return parser
+
+
+def parse_config(argv=None) -> TrainingConfig:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    values = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    known = {f.name for f in fields(TrainingConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+    return TrainingConfig(**values)
+
+
+def load_config_file(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(handle) or {}
+        else:
+            data = json.load(handle)
+    return {key.replace("-", "_"): value for key, value in data.items()}

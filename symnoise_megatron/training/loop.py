@@ -1,0 +1,254 @@
+"""The fine-tuning loop on megatron-core: DDP, its optimizer and scheduler, its schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from symnoise_megatron.checkpoint import paths
+from symnoise_megatron.checkpoint.convert import model_config_of
+from symnoise_megatron.checkpoint.load import load_model_weights
+from symnoise_megatron.checkpoint.verify import validate_layout
+from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
+from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, pack, split_indices
+from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config
+from symnoise_megatron.model.config import preset
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding import noisy_embeddings
+from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+from symnoise_megatron.training import checkpointing, metrics
+from symnoise_megatron.training.arguments import TrainingConfig
+from symnoise_megatron.training.forward_step import forward_step
+from symnoise_megatron.training.microbatch import (
+    MicroBatch, concatenate, microbatch_rows, microbatches_per_step, paired_microbatches,
+)
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+def _parallel(cfg: TrainingConfig, num_layers: int) -> ParallelConfig:
+    vpp = None
+    if cfg.num_layers_per_virtual_pipeline_stage:
+        vpp = num_layers // (cfg.pipeline_model_parallel_size * cfg.num_layers_per_virtual_pipeline_stage)
+    return ParallelConfig(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp,
+                          cfg.sequence_parallel, cfg.context_parallel_size)
+
+
+class Trainer:
+    """One fine-tuning run; ``run()`` trains until ``train_iters``, an exit condition or SIGTERM."""
+
+    def __init__(self, cfg: TrainingConfig, log=print):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        self.data = SFTIndexedData(cfg.data_path[0])
+        self.train_indices, self.valid_indices = split_indices(len(self.data), cfg.split_weights, cfg.seed)
+        vocab = self.data.meta["tokenizer"]["vocab_size"]
+        if cfg.load:
+            self.model = model_config_of(cfg.load)
+            if self.model.vocab_size < vocab:
+                raise ValueError(f"--load {cfg.load}: its vocabulary ({self.model.vocab_size}) is smaller than the data's tokenizer ({vocab})")
+        else:
+            base = preset(cfg.model)
+            self.model = dataclasses.replace(base, vocab_size=vocab,
+                                             max_position_embeddings=max(base.max_position_embeddings, cfg.seq_length))
+        if cfg.seq_length > self.model.max_position_embeddings:
+            raise ValueError(f"--seq-length {cfg.seq_length} exceeds the model's {self.model.max_position_embeddings} positions")
+        self.parallel = _parallel(cfg, self.model.num_layers)
+        validate_layout(self.model, self.parallel)
+        initialize_distributed(self.parallel)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        # Checked before any model is built: a bad batch shape or checkpoint fails at once.
+        self.sampler = GlobalBatchSampler(SampleOrder(len(self.train_indices), cfg.seed), cfg.global_batch_size,
+                                          cfg.micro_batch_size, self.dp_rank, self.dp_size)
+        # A checkpoint in --save wins over --load: a requeued job reruns the same command line.
+        resume = bool(cfg.save) and os.path.exists(os.path.join(cfg.save, paths.TRACKER))
+        if resume and model_config_of(cfg.save) != self.model:
+            raise ValueError(
+                f"--save {cfg.save} holds a checkpoint of another model ({model_config_of(cfg.save)}); "
+                f"this run builds {self.model}"
+            )
+        self.noise = NoiseConfig(cfg.noise_kind, cfg.noise_alpha, cfg.noise_seed, cfg.noise_pairing)
+        self.train_iters = cfg.train_iters or math.ceil(cfg.train_epochs * len(self.train_indices) / cfg.global_batch_size)
+
+        params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        overrides = {}
+        if cfg.fp8_format:
+            overrides.update(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe)
+        if cfg.recompute_granularity:
+            overrides.update(recompute_granularity=cfg.recompute_granularity)
+            if cfg.recompute_granularity == "full":
+                overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        self.config = make_transformer_config(self.model, self.parallel, params_dtype=params_dtype, **overrides)
+        torch.manual_seed(cfg.seed)
+        chunks = build_model_chunks(self.model, self.noise, self.config,
+                                    make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+        weights_only = cfg.load and (cfg.finetune or paths.read_tracker(cfg.load) is None)
+        if weights_only and not resume:
+            load_model_weights(chunks, paths.latest_checkpoint_dir(cfg.load))
+            log(f"loaded weights from {paths.latest_checkpoint_dir(cfg.load)} (fine-tuning from iteration 0)")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
+        self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
+                            bf16=cfg.bf16, params_dtype=params_dtype,
+                            use_distributed_optimizer=cfg.use_distributed_optimizer),
+            self.chunks,
+        )
+        warmup = int(cfg.lr_warmup_fraction * self.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters, wd_incr_style="constant",
+        )
+        self.iteration = 0
+        if resume:
+            self.iteration = checkpointing.load_checkpoint(
+                cfg.save, [c.module for c in self.chunks], self.optimizer, self.scheduler, self.sampler)
+            log(f"resumed from {paths.latest_checkpoint_dir(cfg.save)} at iteration {self.iteration}")
+        elif cfg.load and cfg.save:
+            checkpointing.copy_hf_assets(cfg.load, cfg.save)
+        self.pad_id = self.data.meta["tokenizer"].get("eos_id") or 0
+        self._stop_requested = False
+        self.history: List[dict] = []
+
+    # data -------------------------------------------------------------------------------
+    def _microbatches(self, groups, indices) -> List[MicroBatch]:
+        samples = [[Sample(uid, *self.data[int(indices[i])]) for uid, i in group] for group in groups]
+        if not self.cfg.pack_sequences:
+            return [collate(group, self.cfg.seq_length, self.pad_id) for group in samples]
+        rows = pack([s for group in samples for s in group], self.cfg.seq_length, self.pad_id)
+        size = self.cfg.micro_batch_size
+        return [concatenate(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+    def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        paired = list(paired_microbatches(microbatches, noise))
+        iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
+            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=self.cfg.seq_length,
+            micro_batch_size=microbatch_rows(microbatches[0].size, noise), forward_only=forward_only,
+        )
+        return self._global_loss(reports)
+
+    def _global_loss(self, reports):
+        """(summed loss, loss tokens) over the whole global batch, on every rank."""
+        from megatron.core import parallel_state
+
+        total = torch.zeros(2, dtype=torch.float64)
+        if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
+            total += torch.stack([r["lm loss"] for r in reports]).sum(0).double()
+        dist.all_reduce(total)
+        return float(total[0]), float(total[1])
+
+    # steps ------------------------------------------------------------------------------
+    def train_step(self):
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for chunk in self.chunks:
+            chunk.train()
+        microbatches = self._microbatches(self.sampler.next_global_batch(), self.train_indices)
+        loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        return loss_sum / max(tokens, 1), grad_norm, tokens, success
+
+    def evaluate(self) -> Optional[float]:
+        if len(self.valid_indices) == 0:
+            return None
+        for chunk in self.chunks:
+            chunk.eval()
+        order = SampleOrder(len(self.valid_indices), self.cfg.seed, shuffle=False)
+        sampler = GlobalBatchSampler(order, self.cfg.global_batch_size, self.cfg.micro_batch_size, self.dp_rank, self.dp_size)
+        loss_sum = tokens = 0.0
+        with torch.no_grad():
+            for _ in range(self.cfg.eval_iters):
+                step_sum, step_tokens = self._run_schedule(
+                    self._microbatches(sampler.next_global_batch(), self.valid_indices), NoiseConfig("none"), True)
+                loss_sum, tokens = loss_sum + step_sum, tokens + step_tokens
+        return loss_sum / max(tokens, 1)
+
+    def save(self):
+        target = checkpointing.save_checkpoint(
+            self.cfg.save, self.iteration, [c.module for c in self.chunks], self.optimizer, self.scheduler,
+            self.sampler, self.noise, self.model, self.cfg.make_vocab_size_divisible_by)
+        self.log(f"saved checkpoint at iteration {self.iteration} to {target}")
+
+    def _install_sigterm(self):
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run(self) -> List[dict]:
+        cfg = self.cfg
+        self._install_sigterm()
+        started = time.time()
+        peak = metrics.device_peak_tflops(bool(cfg.fp8_format))
+        per_token = metrics.flops_per_token(self.model, cfg.seq_length)
+        world = dist.get_world_size()
+        window_start, window_tokens = time.time(), 0.0
+        while self.iteration < self.train_iters:
+            loss, grad_norm, tokens, success = self.train_step()
+            self.iteration += 1
+            if not math.isfinite(loss):
+                last = paths.latest_checkpoint_dir(cfg.save) if cfg.save and os.path.exists(os.path.join(cfg.save, paths.TRACKER)) else "none"
+                raise TrainingStopped(f"loss is {loss} at iteration {self.iteration}; last checkpoint: {last}")
+            window_tokens += self.config_rows_tokens()
+            record = {"iteration": self.iteration, "loss": loss, "grad_norm": float(grad_norm or 0.0),
+                      "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]), "tokens": tokens}
+            if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                record["validation_loss"] = self.evaluate()
+                self.log(f" validation loss at iteration {self.iteration} | lm loss value: {record['validation_loss']:.6E} |")
+            self.history.append(record)
+            if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
+                elapsed = time.time() - window_start
+                tokens_per_s = window_tokens / elapsed
+                tflops = tokens_per_s * per_token / world / 1e12 if peak else None
+                scale = max((e.last_noise_scale for c in self.chunks for e in noisy_embeddings(c)), default=0.0)
+                self.log(metrics.log_line(
+                    self.iteration, self.train_iters, self.sampler.consumed_samples,
+                    1000 * elapsed / max(1, cfg.log_interval), record["lr"], cfg.global_batch_size, loss,
+                    record["grad_norm"], int(not success), tokens_per_s, tflops, tflops / peak if tflops else None, scale))
+                window_start, window_tokens = time.time(), 0.0
+            stop = self._should_stop()
+            out_of_time = cfg.exit_duration_in_mins and (time.time() - started) / 60 >= cfg.exit_duration_in_mins
+            exit_now = stop or out_of_time or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0)
+            if cfg.save and ((cfg.save_interval and self.iteration % cfg.save_interval == 0) or exit_now
+                             or self.iteration == self.train_iters):
+                self.save()
+            if exit_now:
+                self.log(f"exiting at iteration {self.iteration} ({'SIGTERM' if stop else 'exit condition'})")
+                break
+        return self.history
+
+    def config_rows_tokens(self) -> float:
+        """Tokens processed per step, counting both copies of a symmetric pair."""
+        return float(self.cfg.global_batch_size * self.cfg.seq_length * self.noise.copies)

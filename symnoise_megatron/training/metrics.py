@@ -1,0 +1,54 @@
+"""Throughput, model FLOPs and Megatron-LM's log line."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from symnoise_megatron.model.config import ModelConfig
+
+# Dense BF16 peak per GPU (TFLOP/s); FP8 doubles it on Hopper.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 x parameters + attention scores."""
+    attention = 12 * model.num_layers * model.hidden_size * seq_length
+    return 6.0 * model.num_parameters() + attention
+
+
+def device_peak_tflops(fp8: bool) -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_TFLOPS.items():
+        if key in name:
+            return peak * (2 if fp8 and key in ("H100", "H200") else 1)
+    return None
+
+
+def log_line(iteration, train_iters, consumed, elapsed_ms, lr, global_batch, loss, grad_norm, skipped,
+             tokens_per_s, tflops, mfu, noise_scale) -> str:
+    """Megatron-LM's ``iteration N/ M | ... | lm loss: X |`` line, with the noise and throughput added."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    parts = [
+        f" [{stamp}] iteration {iteration:8d}/{train_iters:8d}",
+        f"consumed samples: {consumed:12d}",
+        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f"learning rate: {lr:.6E}",
+        f"global batch size: {global_batch:5d}",
+        f"lm loss: {loss:.6E}",
+        "loss scale: 1.0",
+        f"grad norm: {grad_norm:.3f}",
+        f"number of skipped iterations: {skipped:3d}",
+        f"number of nan iterations: {0:3d}",
+        f"tokens per second: {tokens_per_s:.1f}",
+    ]
+    if tflops is not None:
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+    if mfu is not None:
+        parts.append(f"MFU: {100 * mfu:.1f}%")
+    parts.append(f"noise scale: {noise_scale:.3e}")
+    return " | ".join(parts) + " |"

@@ -1,0 +1,183 @@
+"""The fine-tuning loop on real gloo process groups: layouts, pairing, resume, crashes, SIGTERM."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.distributed import run_distributed
+
+BASE = dict(global_batch_size=8, micro_batch_size=2, seq_length=128, train_iters=4,
+            lr=2e-3, lr_warmup_fraction=0.0, log_interval=1, noise_kind="symmetric", noise_alpha=5.0)
+
+
+def convert(hf_dir, megatron_dir):
+    from symnoise_megatron.checkpoint.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, megatron_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory):
+    """A tiny LLaMA for the bundled tokenizer, converted: every layout starts from its weights.
+
+    (Random initialisation depends on the pipeline layout, as in Megatron-LM: each stage
+    draws only its own layers.)"""
+    from tests.checkpoint.conftest import make_hf_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    hf_dir = make_hf_model("llama", dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                                         max_position_embeddings=256), str(root / "hf"))
+    run_distributed(convert, 1, hf_dir, str(root / "megatron"))
+    return str(root / "megatron")
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory, converted_tiny):
+    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
+    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    prefix = str(tmp_path_factory.mktemp("data") / "bundled")
+    preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
+                                seq_length=129, progress=False))
+    BASE.update(load=converted_tiny, finetune=True)
+    return prefix
+
+
+def train_runs(runs, log_hook=None):
+    """Train each config in turn in this process group; the loss history of each."""
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    histories = []
+    for kwargs in runs:
+        trainer = Trainer(TrainingConfig(**kwargs), log=log_hook or (lambda message: None))
+        histories.append([record["loss"] for record in trainer.run()])
+        parallel_state.destroy_model_parallel()
+    return histories
+
+
+LAYOUTS = {"tp1": (1, 1, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2_pp2": (2, 2, 4)}
+
+
+@pytest.fixture(scope="module")
+def layout_losses(data_prefix):
+    out = {}
+    for name, (tp, pp, world) in LAYOUTS.items():
+        config = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        out[name] = run_distributed(train_runs, world, [config])[0][0]
+    return out
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])
+def test_every_layout_trains_the_same_losses(layout_losses, layout):
+    reference = layout_losses["tp1"]
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    assert layout_losses[layout] == pytest.approx(reference, rel=2e-5, abs=2e-5)
+
+
+def test_concat_and_microbatch_pairing_follow_the_same_trajectory(data_prefix):
+    concat, split, none = run_distributed(train_runs, 1, [
+        dict(BASE, data_path=[data_prefix], noise_pairing="concat"),
+        dict(BASE, data_path=[data_prefix], noise_pairing="microbatch"),
+        dict(BASE, data_path=[data_prefix], noise_kind="none"),
+    ])[0]
+    assert split == pytest.approx(concat, rel=2e-5, abs=2e-5)
+    assert none != pytest.approx(concat, rel=1e-4)  # the noise really is in the step
+
+
+def test_resume_is_exact_and_works_under_another_layout(data_prefix, tmp_path):
+    common = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=2, eval_interval=None)
+    straight, first_half, _ = run_distributed(train_runs, 2, [
+        dict(common, save=str(tmp_path / "straight")),
+        dict(common, save=str(tmp_path / "stopped"), exit_interval=2),
+        dict(common, save=str(tmp_path / "stopped_copy"), exit_interval=2),
+    ])[0]
+    assert len(first_half) == 2 and first_half == straight[:2]
+    second_half = run_distributed(train_runs, 2, [dict(common, save=str(tmp_path / "stopped"))])[0][0]
+    assert second_half == straight[2:], "resuming must reproduce the uninterrupted run bit for bit"
+    other_layout = dict(common, save=str(tmp_path / "stopped_copy"), tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
+    resumed_elsewhere = run_distributed(train_runs, 2, [other_layout])[0][0]
+    assert resumed_elsewhere == pytest.approx(straight[2:], rel=2e-5, abs=2e-5)
+
+
+def crash_during_second_save(config):
+    from megatron.core import dist_checkpointing
+
+    real_save, calls = dist_checkpointing.save, []
+
+    def failing_save(state, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        return real_save(state, directory, *args, **kwargs)
+
+    dist_checkpointing.save = failing_save
+    try:
+        train_runs([config])
+    except OSError as error:
+        return str(error)
+    finally:
+        dist_checkpointing.save = real_save
+    return "no crash"
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(data_prefix, tmp_path):
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    save = str(tmp_path / "run")
+    config = dict(BASE, data_path=[data_prefix], save=save, save_interval=1)
+    assert run_distributed(crash_during_second_save, 1, config)[0] == "disk full (injected)"
+    assert read_tracker(save) == 1
+    assert os.path.isdir(os.path.join(save, "iter_0000001")) and not os.path.isdir(os.path.join(save, "iter_0000002"))
+    resumed = run_distributed(train_runs, 1, [config])[0][0]
+    assert len(resumed) == 3  # iterations 2..4 after resuming from 1
+
+
+def sigterm_at_iteration_two(config):
+    import signal
+
+    def hook(message):
+        if "iteration        2/" in message:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return train_runs([config], log_hook=hook)[0]
+
+
+def test_sigterm_saves_and_the_resumed_run_continues(data_prefix, tmp_path):
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    save = str(tmp_path / "run")
+    config = dict(BASE, data_path=[data_prefix], save=save)
+    interrupted = run_distributed(sigterm_at_iteration_two, 1, config)[0]
+    assert len(interrupted) == 2 and read_tracker(save) == 2
+    rest = run_distributed(train_runs, 1, [config])[0][0]
+    straight = run_distributed(train_runs, 1, [dict(config, save=str(tmp_path / "straight"))])[0][0]
+    assert interrupted + rest == straight
+
+
+def build(config):
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    try:
+        Trainer(TrainingConfig(**config))
+    except (ValueError, FileNotFoundError) as error:
+        return str(error)
+    return "built"
+
+
+def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
+    from symnoise_megatron.finetune import main
+
+    assert main(["--data-path", str(tmp_path / "nothing"), "--train-iters", "1"]) == 2
+    assert main(["--data-path", data_prefix]) == 2  # neither --train-iters nor --train-epochs
+    messages = run_distributed(build, 2, dict(BASE, data_path=[data_prefix], global_batch_size=6, micro_batch_size=2))
+    assert "global batch size 6 is not divisible by micro-batch size 2 x data-parallel size 2" in messages[0]
+    save = str(tmp_path / "run")
+    run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
+    other = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=save, load=None, finetune=False))[0]
+    assert "holds a checkpoint of another model" in other
