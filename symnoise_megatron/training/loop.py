@@ -18,7 +18,7 @@ from symnoise_megatron.checkpoint.load import load_model_weights
 from symnoise_megatron.checkpoint.verify import validate_layout
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
 from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, pack, split_indices
-from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config
+from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import preset
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import noisy_embeddings
@@ -69,6 +69,18 @@ class Trainer:
             raise ValueError(f"--seq-length {cfg.seq_length} exceeds the model's {self.model.max_position_embeddings} positions")
         self.parallel = _parallel(cfg, self.model.num_layers)
         validate_layout(self.model, self.parallel)
+        if not transformer_engine_available():
+            needs_te = {"--fp8-format": cfg.fp8_format, "--sequence-parallel": cfg.sequence_parallel,
+                        "--context-parallel-size > 1": cfg.context_parallel_size > 1}
+            asked = [flag for flag, value in needs_te.items() if value]
+            if asked:
+                raise ValueError(f"{', '.join(asked)} need Transformer Engine on a GPU (megatron-core's local "
+                                 "CPU layers have no FP8, no sequence-parallel norms and no context-parallel attention)")
+        if cfg.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
         initialize_distributed(self.parallel)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -127,6 +139,12 @@ class Trainer:
         elif cfg.load and cfg.save:
             checkpointing.copy_hf_assets(cfg.load, cfg.save)
         self.pad_id = self.data.meta["tokenizer"].get("eos_id") or 0
+        self.writer = None
+        if cfg.tensorboard_dir and dist.get_rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.tensorboard_dir)
+        self.skipped_iterations = 0
         self._stop_requested = False
         self.history: List[dict] = []
 
@@ -170,10 +188,21 @@ class Trainer:
             chunk.train()
         microbatches = self._microbatches(self.sampler.next_global_batch(), self.train_indices)
         loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
+        loss = loss_sum / max(tokens, 1)
+        if not math.isfinite(loss):
+            if not self.cfg.skip_nonfinite_loss:
+                last = (paths.latest_checkpoint_dir(self.cfg.save)
+                        if self.cfg.save and os.path.exists(os.path.join(self.cfg.save, paths.TRACKER)) else "none")
+                raise TrainingStopped(f"loss is {loss} at iteration {self.iteration + 1}; last checkpoint: {last} "
+                                      "(--skip-nonfinite-loss skips such steps instead)")
+            self.skipped_iterations += 1
+            return loss, 0.0, tokens, False
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
-        return loss_sum / max(tokens, 1), grad_norm, tokens, success
+        else:
+            self.skipped_iterations += 1
+        return loss, grad_norm, tokens, success
 
     def evaluate(self) -> Optional[float]:
         if len(self.valid_indices) == 0:
@@ -218,15 +247,13 @@ class Trainer:
         while self.iteration < self.train_iters:
             loss, grad_norm, tokens, success = self.train_step()
             self.iteration += 1
-            if not math.isfinite(loss):
-                last = paths.latest_checkpoint_dir(cfg.save) if cfg.save and os.path.exists(os.path.join(cfg.save, paths.TRACKER)) else "none"
-                raise TrainingStopped(f"loss is {loss} at iteration {self.iteration}; last checkpoint: {last}")
             window_tokens += self.config_rows_tokens()
             record = {"iteration": self.iteration, "loss": loss, "grad_norm": float(grad_norm or 0.0),
                       "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]), "tokens": tokens}
             if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                 record["validation_loss"] = self.evaluate()
                 self.log(f" validation loss at iteration {self.iteration} | lm loss value: {record['validation_loss']:.6E} |")
+                self._scalar("validation loss", record["validation_loss"])
             self.history.append(record)
             if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
                 elapsed = time.time() - window_start
@@ -236,7 +263,10 @@ class Trainer:
                 self.log(metrics.log_line(
                     self.iteration, self.train_iters, self.sampler.consumed_samples,
                     1000 * elapsed / max(1, cfg.log_interval), record["lr"], cfg.global_batch_size, loss,
-                    record["grad_norm"], int(not success), tokens_per_s, tflops, tflops / peak if tflops else None, scale))
+                    record["grad_norm"], self.skipped_iterations, tokens_per_s, tflops, tflops / peak if tflops else None, scale))
+                for name, value in (("lm loss", loss), ("learning rate", record["lr"]), ("grad norm", record["grad_norm"]),
+                                    ("tokens per second", tokens_per_s), ("noise scale", scale), ("TFLOP/s per GPU", tflops)):
+                    self._scalar(name, value)
                 window_start, window_tokens = time.time(), 0.0
             stop = self._should_stop()
             out_of_time = cfg.exit_duration_in_mins and (time.time() - started) / 60 >= cfg.exit_duration_in_mins
@@ -248,6 +278,11 @@ class Trainer:
                 self.log(f"exiting at iteration {self.iteration} ({'SIGTERM' if stop else 'exit condition'})")
                 break
         return self.history
+
+    def _scalar(self, name, value):
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(name, value, self.iteration)
+            self.writer.flush()
 
     def config_rows_tokens(self) -> float:
         """Tokens processed per step, counting both copies of a symmetric pair."""

@@ -181,3 +181,49 @@ def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
     run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
     other = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=save, load=None, finetune=False))[0]
     assert "holds a checkpoint of another model" in other
+
+
+def nan_at_iteration_two(config):
+    from symnoise_megatron.training.loop import Trainer
+
+    original = Trainer._run_schedule
+
+    def poisoned(self, microbatches, noise, forward_only):
+        loss_sum, tokens = original(self, microbatches, noise, forward_only)
+        return (float("nan") if self.iteration == 1 and not forward_only else loss_sum), tokens
+
+    Trainer._run_schedule = poisoned
+    try:
+        return train_runs([config])[0]
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        Trainer._run_schedule = original
+
+
+def test_nonfinite_loss_stops_with_the_last_checkpoint_or_is_skipped(data_prefix, tmp_path):
+    save = str(tmp_path / "run")
+    stopped = run_distributed(nan_at_iteration_two, 1, dict(BASE, data_path=[data_prefix], save=save, save_interval=1))[0]
+    assert stopped.startswith("loss is nan at iteration 2; last checkpoint: ") and stopped.split(": ")[1].endswith("iter_0000001 (--skip-nonfinite-loss skips such steps instead)")
+    skipped = run_distributed(nan_at_iteration_two, 1, dict(BASE, data_path=[data_prefix], skip_nonfinite_loss=True))[0]
+    assert len(skipped) == 4 and skipped[1] != skipped[1]  # NaN recorded, the run went on
+
+
+def test_tensorboard_gets_the_logged_scalars(data_prefix, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_distributed(train_runs, 2, [dict(BASE, data_path=[data_prefix], tensorboard_dir=str(tmp_path / "tb"),
+                                         tensor_model_parallel_size=2, eval_interval=2, eval_iters=1)])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "validation loss", "learning rate", "grad norm", "noise scale"} <= tags
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4]
+    assert all(e.value > 0 for e in events.Scalars("noise scale"))
+
+
+def test_gpu_only_features_are_refused_on_cpu_at_start(data_prefix):
+    message = run_distributed(build, 2, dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=2, sequence_parallel=True))[0]
+    assert "--sequence-parallel need Transformer Engine on a GPU" in message
+    message = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], fp8_format="hybrid"))[0]
+    assert "--fp8-format need Transformer Engine" in message
