@@ -7,7 +7,6 @@ memory. The bound is on the resident set actually sampled during the conversion.
 
 import os
 
-import pytest
 
 from tests.checkpoint.conftest import make_hf_model
 from tests.distributed import run_distributed

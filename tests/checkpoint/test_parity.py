@@ -1,7 +1,6 @@
 """Converted checkpoints against transformers: logits under TP 1/2, PP 2, TP2 x PP2."""
 
 import pytest
-import torch
 
 from tests.checkpoint.conftest import HF_MODELS
 from tests.distributed import run_distributed

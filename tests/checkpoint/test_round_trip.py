@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from tests.checkpoint.conftest import HF_MODELS
 from tests.distributed import run_distributed

@@ -1,9 +1,7 @@
 """Preprocessing: every format and template round-trips; megatron-core reads the files back."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 
 from symnoise_megatron.data.formats import FORMATS

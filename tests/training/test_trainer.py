@@ -1,7 +1,6 @@
 """The fine-tuning loop on real gloo process groups: layouts, pairing, resume, crashes, SIGTERM."""
 
 import os
-import shutil
 
 import pytest
 
