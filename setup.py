@@ -26,7 +26,8 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "tokenizers", "tensorboard"],
+        "test": ["pytest", "transformers>=4.45", "tokenizers", "tensorboard", "matplotlib"],
+        "eval": ["transformers>=4.45", "matplotlib"],
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]>=2.9"],
     },

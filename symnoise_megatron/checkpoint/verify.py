@@ -36,7 +36,10 @@ def validate_layout(model, parallel) -> None:
 
 
 def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
-    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None elsewhere."""
+    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None elsewhere.
+
+    One row per micro-batch, so every schedule runs it (interleaving needs >= PP micro-batches).
+    """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -44,29 +47,31 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[t
     from symnoise_megatron.training.microbatch import attention_mask_from_positions
 
     batch, seq = tokens.shape
-    positions = torch.arange(seq).expand(batch, seq).contiguous()
+    positions = torch.arange(seq)[None]
     mask = attention_mask_from_positions(positions)
 
     def forward_step(data_iterator, model):
-        next(data_iterator)
-        output = model(tokens, positions, mask)
+        row = next(data_iterator)
+        output = model(row, positions, mask)
 
         def collect(output_tensor, non_loss_data=False):
             return gather_from_tensor_model_parallel_region(output_tensor)[..., :vocab_size]
 
         return output, collect
 
+    rows = [tokens[i:i + 1] for i in range(batch)]
     for chunk in chunks:
         chunk.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter([None])] * len(chunks) if len(chunks) > 1 else iter([None]),
-            model=chunks, num_microbatches=1, seq_length=seq, micro_batch_size=batch,
+            forward_step_func=forward_step,
+            data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
+            model=chunks, num_microbatches=batch, seq_length=seq, micro_batch_size=1,
             forward_only=True, collect_non_loss_data=True,
         )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return outputs[0].float()
+    return torch.cat([output.float() for output in outputs])
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:

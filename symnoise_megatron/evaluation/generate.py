@@ -47,3 +47,49 @@ class Generator:
             new = [t for t in output[0, len(ids):].tolist() if t != self.tokenizer.eos_id]
             answers.append(self.tokenizer.decode(new).strip())
         return answers
+
+
+def read_prompts(path: str) -> List[dict]:
+    """AlpacaEval's prompt file (a JSON list of objects with ``instruction``) or JSONL."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"{path}: row {number} has no string 'instruction'")
+    return rows
+
+
+def generate_file(generator: "Generator", prompts_path: str, output_path: str, name: str,
+                  max_new_tokens: int = 256, temperature: float = 0.0, limit: Optional[int] = None,
+                  progress: bool = True) -> List[dict]:
+    """Answer every prompt into AlpacaEval's model-outputs JSON, resuming a partial file.
+
+    The output is rewritten (atomically) after each answer, so an interrupted run keeps
+    what it did; answered prompts (same position, same instruction) are skipped.
+    """
+    import json
+    import os
+
+    from tqdm import tqdm
+
+    prompts = read_prompts(prompts_path)[:limit]
+    done: List[dict] = []
+    if os.path.exists(output_path):
+        with open(output_path, encoding="utf-8") as handle:
+            done = json.load(handle)
+        for index, row in enumerate(done):
+            if index >= len(prompts) or row.get("instruction") != prompts[index]["instruction"]:
+                raise ValueError(f"{output_path}: row {index + 1} does not answer {prompts_path}'s row {index + 1}; "
+                                 "use another output file")
+    for prompt in tqdm(prompts[len(done):], desc="generate", disable=not progress, initial=len(done), total=len(prompts)):
+        answer = generator.answer([prompt["instruction"]], max_new_tokens, temperature, [prompt.get("input", "")])[0]
+        done.append({"instruction": prompt["instruction"], "output": answer, "generator": name,
+                     "dataset": prompt.get("dataset", "")})
+        temporary = output_path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(done, handle, indent=1, ensure_ascii=False)
+        os.replace(temporary, output_path)
+    return done

@@ -75,6 +75,10 @@ def make_transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # gloo matches a pair of ranks' messages in posting order; batched p2p posts them in
+        # an order that swaps activations and gradients when a rank's previous and next
+        # stage are the same peer (interleaved PP 2). NCCL groups them and keeps batching.
+        batch_p2p_comm=on_gpu,
     )
     fields.update(overrides)
     with warnings.catch_warnings():

@@ -68,6 +68,9 @@ class TrainingConfig:
     eval_iters: int = 10
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
     skip_nonfinite_loss: bool = False  # skip the update of a step whose loss is NaN/Inf instead of stopping
 
     def validate(self) -> None:
@@ -119,6 +122,7 @@ HELP = {
     "exit_duration_in_mins": "save and exit after this many minutes",
     "eval_interval": "validation loss (no noise) every this many iterations",
     "tensorboard_dir": "write loss, validation loss, learning rate, grad norm, throughput and noise scale here",
+    "wandb_project": "log the same scalars to Weights & Biases (needs wandb installed)",
     "skip_nonfinite_loss": "skip the update of a step with a NaN/Inf loss (default: stop, naming the last checkpoint)",
 }
 

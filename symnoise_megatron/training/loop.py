@@ -81,6 +81,11 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
+        if cfg.wandb_project:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("--wandb-project needs the wandb package: pip install wandb") from None
         initialize_distributed(self.parallel)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -144,6 +149,12 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.tensorboard_dir)
+        self.wandb = None
+        if cfg.wandb_project and dist.get_rank() == 0:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name, dir=cfg.wandb_save_dir,
+                                    config=dataclasses.asdict(cfg))
         self.skipped_iterations = 0
         self._stop_requested = False
         self.history: List[dict] = []
@@ -263,7 +274,8 @@ class Trainer:
                 self.log(metrics.log_line(
                     self.iteration, self.train_iters, self.sampler.consumed_samples,
                     1000 * elapsed / max(1, cfg.log_interval), record["lr"], cfg.global_batch_size, loss,
-                    record["grad_norm"], self.skipped_iterations, tokens_per_s, tflops, tflops / peak if tflops else None, scale))
+                    record["grad_norm"], self.skipped_iterations, tokens_per_s, tflops, tflops / peak if tflops else None,
+                    scale, metrics.memory_gb()))
                 for name, value in (("lm loss", loss), ("learning rate", record["lr"]), ("grad norm", record["grad_norm"]),
                                     ("tokens per second", tokens_per_s), ("noise scale", scale), ("TFLOP/s per GPU", tflops)):
                     self._scalar(name, value)
@@ -277,12 +289,18 @@ class Trainer:
             if exit_now:
                 self.log(f"exiting at iteration {self.iteration} ({'SIGTERM' if stop else 'exit condition'})")
                 break
+        if self.wandb is not None:
+            self.wandb.finish()
         return self.history
 
     def _scalar(self, name, value):
-        if self.writer is not None and value is not None:
+        if value is None:
+            return
+        if self.writer is not None:
             self.writer.add_scalar(name, value, self.iteration)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({name: value}, step=self.iteration)
 
     def config_rows_tokens(self) -> float:
         """Tokens processed per step, counting both copies of a symmetric pair."""

@@ -29,8 +29,17 @@ def device_peak_tflops(fp8: bool) -> Optional[float]:
     return None
 
 
+def memory_gb() -> float:
+    """Peak GPU memory allocated by this rank, or the process's resident memory on CPU (GB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
 def log_line(iteration, train_iters, consumed, elapsed_ms, lr, global_batch, loss, grad_norm, skipped,
-             tokens_per_s, tflops, mfu, noise_scale) -> str:
+             tokens_per_s, tflops, mfu, noise_scale, memory=None) -> str:
     """Megatron-LM's ``iteration N/ M | ... | lm loss: X |`` line, with the noise and throughput added."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
@@ -50,5 +59,7 @@ def log_line(iteration, train_iters, consumed, elapsed_ms, lr, global_batch, los
         parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
     if mfu is not None:
         parts.append(f"MFU: {100 * mfu:.1f}%")
+    if memory is not None:
+        parts.append(f"mem (GB): {memory:.2f}")
     parts.append(f"noise scale: {noise_scale:.3e}")
     return " | ".join(parts) + " |"

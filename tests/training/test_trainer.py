@@ -26,7 +26,7 @@ def converted_tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     hf_dir = make_hf_model("llama", dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
-                                         max_position_embeddings=256), str(root / "hf"))
+                                         num_hidden_layers=4, max_position_embeddings=256), str(root / "hf"))
     run_distributed(convert, 1, hf_dir, str(root / "megatron"))
     return str(root / "megatron")
 
@@ -59,14 +59,17 @@ def train_runs(runs, log_hook=None):
     return histories
 
 
-LAYOUTS = {"tp1": (1, 1, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2_pp2": (2, 2, 4)}
+# name: (tensor parallel, pipeline parallel, world size, layers per virtual stage)
+LAYOUTS = {"tp1": (1, 1, 1, None), "dp2": (1, 1, 2, None), "tp2": (2, 1, 2, None), "pp2": (1, 2, 2, None),
+           "pp2_interleaved": (1, 2, 2, 1), "tp2_pp2": (2, 2, 4, None)}
 
 
 @pytest.fixture(scope="module")
 def layout_losses(data_prefix):
     out = {}
-    for name, (tp, pp, world) in LAYOUTS.items():
-        config = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    for name, (tp, pp, world, per_virtual_stage) in LAYOUTS.items():
+        config = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                      num_layers_per_virtual_pipeline_stage=per_virtual_stage)
         out[name] = run_distributed(train_runs, world, [config])[0][0]
     return out
 
@@ -226,3 +229,19 @@ def test_gpu_only_features_are_refused_on_cpu_at_start(data_prefix):
     assert "--sequence-parallel need Transformer Engine on a GPU" in message
     message = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], fp8_format="hybrid"))[0]
     assert "--fp8-format need Transformer Engine" in message
+
+
+def train_offline_wandb(config):
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    return train_runs([config])[0]
+
+
+def test_weights_and_biases_gets_the_same_scalars_offline(data_prefix, tmp_path):
+    import glob
+
+    pytest.importorskip("wandb")
+    run_distributed(train_offline_wandb, 1, dict(BASE, data_path=[data_prefix], wandb_project="symnoise-test",
+                                                 wandb_exp_name="t", wandb_save_dir=str(tmp_path)))
+    [record] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    content = open(record, "rb").read()
+    assert b"lm loss" in content and b"noise scale" in content and b"symnoise-test" in content
