@@ -4,18 +4,16 @@ import sys
 
 import torch.distributed as dist
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 from symnoise_megatron.runtime.parallel import destroy_distributed
 from symnoise_megatron.training.arguments import parse_config
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
-    try:
-        config = parse_config(argv)
-        config.validate()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = parse_config(argv)
+    config.validate()
     from symnoise_megatron.training.loop import Trainer
 
     def rank0_print(message):
@@ -28,12 +26,8 @@ def main(argv=None) -> int:
         finally:
             destroy_distributed()
 
-    try:
-        with runtime_for_this_machine():
-            run()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with runtime_for_this_machine():
+        run()
     return 0
 
 

@@ -14,10 +14,12 @@ import argparse
 import os
 import sys
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.evaluation.metrics import WORDS_PER_DATASET, read_outputs
 from symnoise_megatron.evaluation.runs import plot_runs, read_log, summary_table
 
 
+@exits_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="NAME=LOG[:OUTPUTS]")
@@ -27,18 +29,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     words = args.words or WORDS_PER_DATASET[args.dataset]
     runs = []
-    try:
-        for spec in args.run:
-            name, _, paths = spec.partition("=")
-            log, _, outputs = paths.partition(":")
-            if not name or not log:
-                raise ValueError(f"--run {spec!r} is not NAME=LOG[:OUTPUTS]")
-            run = read_log(log, name)
-            run.outputs = read_outputs(outputs) if outputs else None
-            runs.append(run)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    for spec in args.run:
+        name, _, paths = spec.partition("=")
+        log, _, outputs = paths.partition(":")
+        if not name or not log:
+            raise ValueError(f"--run {spec!r} is not NAME=LOG[:OUTPUTS]")
+        run = read_log(log, name)
+        run.outputs = read_outputs(outputs) if outputs else None
+        runs.append(run)
     table = summary_table(runs, words)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "table.md"), "w", encoding="utf-8") as handle:

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from symnoise_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
-from symnoise_megatron.checkpoint.hf_config import UnsupportedCheckpoint
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,19 +40,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with runtime_for_this_machine():
-            if args.direction == "hf-to-megatron":
-                model = hf_to_megatron(args.load_dir, args.save_dir, args.make_vocab_size_divisible_by,
-                                       DTYPES.get(args.dtype), progress=not args.no_progress)
-            else:
-                model = megatron_to_hf(args.load_dir, args.save_dir, int(args.max_shard_size_gb * 2**30),
-                                       progress=not args.no_progress)
-    except (UnsupportedCheckpoint, ValueError, FileNotFoundError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with runtime_for_this_machine():
+        if args.direction == "hf-to-megatron":
+            model = hf_to_megatron(args.load_dir, args.save_dir, args.make_vocab_size_divisible_by,
+                                   DTYPES.get(args.dtype), progress=not args.no_progress)
+        else:
+            model = megatron_to_hf(args.load_dir, args.save_dir, int(args.max_shard_size_gb * 2**30),
+                                   progress=not args.no_progress)
     print(f"converted {model.architecture} ({model.num_layers} layers, hidden {model.hidden_size}) to {args.save_dir}")
     return 0
 

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.data.templates import TEMPLATES
 from symnoise_megatron.evaluation.generate import Generator, generate_file
 
@@ -54,22 +55,19 @@ def run(args, hf_dir):
     print(f"wrote {len(rows)} answers to {args.output}")
 
 
+@exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.hf_dir:
-            run(args, args.hf_dir)
-            return 0
-        from symnoise_megatron.checkpoint.convert import megatron_to_hf
-        from symnoise_megatron.runtime.cpu import runtime_for_this_machine
+    if args.hf_dir:
+        run(args, args.hf_dir)
+        return 0
+    from symnoise_megatron.checkpoint.convert import megatron_to_hf
+    from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 
-        with tempfile.TemporaryDirectory() as hf_dir:
-            with runtime_for_this_machine():
-                megatron_to_hf(args.megatron_dir, hf_dir, progress=False)
-            run(args, hf_dir)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory() as hf_dir:
+        with runtime_for_this_machine():
+            megatron_to_hf(args.megatron_dir, hf_dir, progress=False)
+        run(args, hf_dir)
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.data.formats import format_names
 from symnoise_megatron.data.preprocess import ON_ERROR, TURNS, PreprocessConfig, output_paths, preprocess
 from symnoise_megatron.data.templates import TEMPLATES
@@ -46,20 +47,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        config = PreprocessConfig(
-            inputs=args.input, output_prefix=args.output_prefix,
-            tokenizer=TokenizerSpec(model_file=args.tokenizer_model, directory=args.tokenizer_dir),
-            format=args.format, prompt_template=args.prompt_template, prompt_key=args.prompt_key,
-            response_key=args.response_key, turns=args.turns, seq_length=args.seq_length,
-            workers=args.workers, on_error=args.on_error, split=args.split, progress=not args.no_progress,
-        )
-        meta = preprocess(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = PreprocessConfig(
+        inputs=args.input, output_prefix=args.output_prefix,
+        tokenizer=TokenizerSpec(model_file=args.tokenizer_model, directory=args.tokenizer_dir),
+        format=args.format, prompt_template=args.prompt_template, prompt_key=args.prompt_key,
+        response_key=args.response_key, turns=args.turns, seq_length=args.seq_length,
+        workers=args.workers, on_error=args.on_error, split=args.split, progress=not args.no_progress,
+    )
+    meta = preprocess(config)
     summary = {k: meta[k] for k in ("samples", "tokens", "response_tokens", "truncated", "dropped", "skipped_rows")}
     print(json.dumps(summary))
     print(f"{meta['samples_per_second']:.0f} samples/s, {meta['tokens_per_second']:.0f} tokens/s "

@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.evaluation.metrics import WORDS_PER_DATASET, read_outputs, response_metrics, to_csv, to_markdown
 
 
+@exits_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outputs", nargs="+")
@@ -23,11 +25,7 @@ def main(argv=None):
     parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
     args = parser.parse_args(argv)
     words = args.words or WORDS_PER_DATASET[args.dataset]
-    try:
-        rows = [response_metrics(read_outputs(path), words, path) for path in args.outputs]
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = [response_metrics(read_outputs(path), words, path) for path in args.outputs]
     if args.format == "json":
         print(json.dumps([row.to_dict() for row in rows], indent=2))
     else:

@@ -1,7 +1,6 @@
 """Generation: megatron checkpoint and its HF twin agree, resuming appends, no noise ever."""
 
 import json
-import os
 
 import pytest
 

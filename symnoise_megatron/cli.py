@@ -1,0 +1,20 @@
+"""What every command-line tool shares: a user error is one line on stderr and exit code 2."""
+
+import functools
+import sys
+
+# Errors that name a bad file, row, flag or checkpoint: shown without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def exits_on_user_error(main):
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+
+    return wrapped
