@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 from typing import Dict, Optional
 
@@ -94,7 +93,6 @@ def hf_to_megatron(
     progress: bool = True,
 ) -> ModelConfig:
     """Convert an HF LLaMA/OPT directory into a megatron-core checkpoint at ``save_dir``."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     hf_config = read_hf_config(load_dir)
@@ -124,26 +122,14 @@ def hf_to_megatron(
                 key, _entry_tensors(reader, entry, layer, model, rows, dtype),
                 (0, layer, model.num_layers), replica_id=0, prepend_axis_num=1,
             )
-    target = paths.iteration_dir(save_dir, None)
-    staging = target + ".partial"
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-    dist.barrier()
-    dist_checkpointing.save(sharded, staging)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
         assets = os.path.join(save_dir, paths.HF_ASSETS)
         os.makedirs(assets, exist_ok=True)
         copy_files(load_dir, assets, HF_ASSET_FILES)
-        paths.write_info(save_dir, {
-            "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-            "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
-        })
-        paths.write_tracker(save_dir, None)
-    dist.barrier()
+    paths.save_atomically(save_dir, None, sharded, {
+        "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
+    })
     return model
 
 

@@ -7,11 +7,13 @@ from typing import List
 import torch
 
 
+def model_state_names(count: int) -> List[str]:
+    """Where Megatron-LM nests the chunks' states: ``model``, or ``model0..`` with virtual stages."""
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> dict:
-    """The chunks' sharded state dict, nested as Megatron-LM nests it (``model`` or ``model0..``)."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    return {name: chunk.sharded_state_dict() for name, chunk in zip(model_state_names(len(chunks)), chunks)}
 
 
 def _drop_absent_objects(state: dict, present: set) -> List[str]:
@@ -42,8 +44,7 @@ def load_model_weights(chunks: List[torch.nn.Module], checkpoint_dir: str) -> No
     present = set(load_sharded_metadata(checkpoint_dir))
     allowed_missing = set(_drop_absent_objects(request, present))
     loaded = dist_checkpointing.load(request, checkpoint_dir)
-    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, name in zip(chunks, names):
+    for chunk, name in zip(chunks, model_state_names(len(chunks))):
         result = chunk.load_state_dict(loaded[name], strict=False)
         missing = [key for key in result.missing_keys if key not in allowed_missing and not key.endswith("_extra_state")]
         if missing or result.unexpected_keys:

@@ -1,10 +1,12 @@
 """Megatron-LM's checkpoint directory layout: ``latest_checkpointed_iteration.txt`` and
-``release/`` or ``iter_0000100/`` beside it, plus the project's ``symnoise_checkpoint.json``."""
+``release/`` or ``iter_0000100/`` beside it, plus the project's ``symnoise_checkpoint.json``;
+and writing one iteration into it atomically."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -40,6 +42,10 @@ def write_tracker(root: str, iteration: Optional[int]) -> None:
     os.replace(temporary, os.path.join(root, TRACKER))
 
 
+def has_checkpoint(root: Optional[str]) -> bool:
+    return bool(root) and os.path.exists(os.path.join(root, TRACKER))
+
+
 def latest_checkpoint_dir(root: str) -> str:
     return iteration_dir(root, read_tracker(root))
 
@@ -57,3 +63,32 @@ def write_info(root: str, info: dict) -> None:
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     os.replace(temporary, os.path.join(root, INFO))
+
+
+def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict) -> str:
+    """Write one iteration (None: ``release``) with megatron-core dist_checkpointing, all ranks.
+
+    The checkpoint goes to ``<dir>.partial`` and is renamed once every rank has finished; only
+    then are the info file (updated with ``info``) and the tracker moved, so a crash mid-save
+    leaves the previous checkpoint the latest, intact. Returns the iteration's directory.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    target = iteration_dir(root, iteration)
+    staging = target + ".partial"
+    first = dist.get_rank() == 0
+    if first:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state, staging)
+    dist.barrier()
+    if first:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        existing = read_info(root) if os.path.exists(os.path.join(root, INFO)) else {}
+        write_info(root, {**existing, **info})
+        write_tracker(root, iteration)
+    dist.barrier()
+    return target

@@ -11,6 +11,7 @@ import torch
 
 from symnoise_megatron.data.templates import Example, Turn, get_template
 from symnoise_megatron.data.tokenizer import TokenizerSpec
+from symnoise_megatron.evaluation.records import read_records
 
 
 def prompt_text(template_name: str, instruction: str, context: str = "") -> str:
@@ -51,15 +52,7 @@ class Generator:
 
 def read_prompts(path: str) -> List[dict]:
     """AlpacaEval's prompt file (a JSON list of objects with ``instruction``) or JSONL."""
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{path}: row {number} has no string 'instruction'")
-    return rows
+    return read_records(path, "instruction")
 
 
 def generate_file(generator: "Generator", prompts_path: str, output_path: str, name: str,

@@ -18,20 +18,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
+from symnoise_megatron.evaluation.records import read_records
+
 WORDS_PER_DATASET = {"alpaca": 50, "evol_instruct": 100, "sharegpt": 150, "open_platypus": 150}
 
 
 def read_outputs(path: str) -> List[str]:
     """The ``output`` texts of AlpacaEval's model-outputs JSON (or JSONL)."""
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    missing = [i + 1 for i, row in enumerate(rows) if not isinstance(row.get("output"), str)]
-    if missing:
-        raise ValueError(f"{path}: rows {missing[:5]} have no string 'output'")
-    return [row["output"] for row in rows]
+    return [row["output"] for row in read_records(path, "output")]
 
 
 def repetition(words: List[str], n: int) -> float:

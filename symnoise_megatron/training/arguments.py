@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.model.config import PRESETS
 from symnoise_megatron.noise.config import NOISE_KINDS, PAIRINGS
 
@@ -91,8 +92,8 @@ class TrainingConfig:
         for prefix in self.data_path:
             if not os.path.exists(prefix + "_tokens.bin"):
                 raise FileNotFoundError(f"--data-path {prefix}: {prefix}_tokens.bin does not exist")
-        if self.load and not os.path.exists(os.path.join(self.load, "latest_checkpointed_iteration.txt")):
-            raise FileNotFoundError(f"--load {self.load}: no latest_checkpointed_iteration.txt there")
+        if self.load and not paths.has_checkpoint(self.load):
+            raise FileNotFoundError(f"--load {self.load}: no {paths.TRACKER} there")
 
     @property
     def split_weights(self) -> List[float]:

@@ -1,8 +1,5 @@
-"""Training checkpoints with megatron-core dist_checkpointing, written atomically.
-
-A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank has
-finished; only then does ``latest_checkpointed_iteration.txt`` move. A crash mid-save
-leaves the previous checkpoint the latest, intact. Nothing in training draws from a stateful
+"""Training checkpoints with megatron-core dist_checkpointing, written atomically
+(``paths.save_atomically``: a crash mid-save leaves the previous checkpoint the latest). Nothing in training draws from a stateful
 random generator (the noise is counter-based, dropout is off), so no RNG state is needed to
 resume exactly; the sampler resumes from the consumed-sample count.
 """
@@ -16,7 +13,7 @@ from dataclasses import asdict
 import torch.distributed as dist
 
 from symnoise_megatron.checkpoint import paths
-from symnoise_megatron.checkpoint.load import model_sharded_state_dict
+from symnoise_megatron.checkpoint.load import model_sharded_state_dict, model_state_names
 
 
 def _state(chunks, optimizer, is_loading):
@@ -25,28 +22,11 @@ def _state(chunks, optimizer, is_loading):
 
 
 def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, noise, model, make_vocab_size_divisible_by):
-    from megatron.core import dist_checkpointing
-
-    target = paths.iteration_dir(root, iteration)
-    staging = target + ".partial"
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-    dist.barrier()
     state = _state(chunks, optimizer, is_loading=False)
     state.update(iteration=iteration, opt_param_scheduler=scheduler.state_dict(),
                  sampler=sampler.state_dict(), noise=noise.to_dict())
-    dist_checkpointing.save(state, staging)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        info = paths.read_info(root) if os.path.exists(os.path.join(root, paths.INFO)) else {}
-        info.update(model=asdict(model), make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-        paths.write_info(root, info)
-        paths.write_tracker(root, iteration)
-    dist.barrier()
-    return target
+    return paths.save_atomically(root, iteration, state, {
+        "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by})
 
 
 def load_checkpoint(root, chunks, optimizer, scheduler, sampler) -> int:
@@ -55,8 +35,7 @@ def load_checkpoint(root, chunks, optimizer, scheduler, sampler) -> int:
 
     directory = paths.latest_checkpoint_dir(root)
     state = dist_checkpointing.load(_state(chunks, optimizer, is_loading=True), directory)
-    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, name in zip(chunks, names):
+    for chunk, name in zip(chunks, model_state_names(len(chunks))):
         chunk.load_state_dict(state[name], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
 from typing import List, Optional
@@ -93,7 +92,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler(SampleOrder(len(self.train_indices), cfg.seed), cfg.global_batch_size,
                                           cfg.micro_batch_size, self.dp_rank, self.dp_size)
         # A checkpoint in --save wins over --load: a requeued job reruns the same command line.
-        resume = bool(cfg.save) and os.path.exists(os.path.join(cfg.save, paths.TRACKER))
+        resume = paths.has_checkpoint(cfg.save)
         if resume and model_config_of(cfg.save) != self.model:
             raise ValueError(
                 f"--save {cfg.save} holds a checkpoint of another model ({model_config_of(cfg.save)}); "
@@ -116,8 +115,9 @@ class Trainer:
                                     make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
         weights_only = cfg.load and (cfg.finetune or paths.read_tracker(cfg.load) is None)
         if weights_only and not resume:
-            load_model_weights(chunks, paths.latest_checkpoint_dir(cfg.load))
-            log(f"loaded weights from {paths.latest_checkpoint_dir(cfg.load)} (fine-tuning from iteration 0)")
+            source = paths.latest_checkpoint_dir(cfg.load)
+            load_model_weights(chunks, source)
+            log(f"loaded weights from {source} (fine-tuning from iteration 0)")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
@@ -202,8 +202,7 @@ class Trainer:
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):
             if not self.cfg.skip_nonfinite_loss:
-                last = (paths.latest_checkpoint_dir(self.cfg.save)
-                        if self.cfg.save and os.path.exists(os.path.join(self.cfg.save, paths.TRACKER)) else "none")
+                last = paths.latest_checkpoint_dir(self.cfg.save) if paths.has_checkpoint(self.cfg.save) else "none"
                 raise TrainingStopped(f"loss is {loss} at iteration {self.iteration + 1}; last checkpoint: {last} "
                                       "(--skip-nonfinite-loss skips such steps instead)")
             self.skipped_iterations += 1
