@@ -134,3 +134,13 @@ def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroB
         out.append(MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None],
                               attention_mask_from_positions(positions[None]), uids[None], lengths[None]))
     return out
+
+
+def empty_packed_row(seq_length: int, pad_id: int = 0) -> MicroBatch:
+    """A packed row of padding only (length 0): no loss and no noise, for filling out the
+    last micro-batch where the pipeline needs every micro-batch the same size."""
+    positions = torch.arange(seq_length)[None]
+    zeros = torch.zeros((1, seq_length), dtype=torch.int64)
+    return MicroBatch(torch.full((1, seq_length), pad_id, dtype=torch.int64), zeros.clone(),
+                      torch.zeros((1, seq_length)), positions, attention_mask_from_positions(positions),
+                      zeros.clone(), zeros.clone())

@@ -16,7 +16,7 @@ from symnoise_megatron.checkpoint.convert import model_config_of
 from symnoise_megatron.checkpoint.load import load_model_weights
 from symnoise_megatron.checkpoint.verify import validate_layout
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
-from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, pack, split_indices
+from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, empty_packed_row, pack, split_indices
 from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import preset
 from symnoise_megatron.noise.config import NoiseConfig
@@ -166,6 +166,11 @@ class Trainer:
             return [collate(group, self.cfg.seq_length, self.pad_id) for group in samples]
         rows = pack([s for group in samples for s in group], self.cfg.seq_length, self.pad_id)
         size = self.cfg.micro_batch_size
+        if self.cfg.pipeline_model_parallel_size > 1:
+            # Stages exchange activations of one fixed shape, and the interleaved schedule
+            # wants whole groups of micro-batches: fill out with empty rows.
+            multiple = size * (self.cfg.pipeline_model_parallel_size if self.cfg.num_layers_per_virtual_pipeline_stage else 1)
+            rows += [empty_packed_row(self.cfg.seq_length, self.pad_id) for _ in range(-len(rows) % multiple)]
         return [concatenate(rows[i:i + size]) for i in range(0, len(rows), size)]
 
     def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):
@@ -253,15 +258,19 @@ class Trainer:
         peak = metrics.device_peak_tflops(bool(cfg.fp8_format))
         per_token = metrics.flops_per_token(self.model, cfg.seq_length)
         world = dist.get_world_size()
-        window_start, window_tokens = time.time(), 0.0
+        window_start, window_tokens, window_iterations = time.time(), 0.0, 0
         while self.iteration < self.train_iters:
             loss, grad_norm, tokens, success = self.train_step()
             self.iteration += 1
             window_tokens += self.config_rows_tokens()
+            window_iterations += 1
             record = {"iteration": self.iteration, "loss": loss, "grad_norm": float(grad_norm or 0.0),
                       "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]), "tokens": tokens}
             if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                # Validation time is not training time: like Megatron-LM, keep it out of the step timing.
+                eval_started = time.time()
                 record["validation_loss"] = self.evaluate()
+                window_start += time.time() - eval_started
                 self.log(f" validation loss at iteration {self.iteration} | lm loss value: {record['validation_loss']:.6E} |")
                 self._scalar("validation loss", record["validation_loss"])
             self.history.append(record)
@@ -272,13 +281,13 @@ class Trainer:
                 scale = max((e.last_noise_scale for c in self.chunks for e in noisy_embeddings(c)), default=0.0)
                 self.log(metrics.log_line(
                     self.iteration, self.train_iters, self.sampler.consumed_samples,
-                    1000 * elapsed / max(1, cfg.log_interval), record["lr"], cfg.global_batch_size, loss,
+                    1000 * elapsed / window_iterations, record["lr"], cfg.global_batch_size, loss,
                     record["grad_norm"], self.skipped_iterations, tokens_per_s, tflops, tflops / peak if tflops else None,
                     scale, metrics.memory_gb()))
                 for name, value in (("lm loss", loss), ("learning rate", record["lr"]), ("grad norm", record["grad_norm"]),
                                     ("tokens per second", tokens_per_s), ("noise scale", scale), ("TFLOP/s per GPU", tflops)):
                     self._scalar(name, value)
-                window_start, window_tokens = time.time(), 0.0
+                window_start, window_tokens, window_iterations = time.time(), 0.0, 0
             stop = self._should_stop()
             out_of_time = cfg.exit_duration_in_mins and (time.time() - started) / 60 >= cfg.exit_duration_in_mins
             exit_now = stop or out_of_time or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0)
