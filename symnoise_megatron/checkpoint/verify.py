@@ -12,6 +12,7 @@ import torch
 class ParityReport:
     max_abs_diff: float
     max_rel_diff: float
+    max_abs_logit: float  # the scale the differences are measured against
     megatron_loss: float
     hf_loss: float
     tokens: int
@@ -112,6 +113,7 @@ def compare_with_transformers(
     return ParityReport(
         max_abs_diff=float(difference.max()),
         max_rel_diff=float((difference / expected.abs().clamp(min=1e-6)).max()),
+        max_abs_logit=float(expected.abs().max()),
         megatron_loss=next_token_loss(logits, tokens), hf_loss=next_token_loss(expected, tokens),
         tokens=tokens.numel(),
     )

@@ -11,7 +11,7 @@ import torch
 
 from symnoise_megatron.data.templates import Example, Turn, get_template
 from symnoise_megatron.data.tokenizer import TokenizerSpec
-from symnoise_megatron.evaluation.records import read_records
+from symnoise_megatron.evaluation.records import read_records, write_records
 
 
 def prompt_text(template_name: str, instruction: str, context: str = "") -> str:
@@ -81,8 +81,5 @@ def generate_file(generator: "Generator", prompts_path: str, output_path: str, n
         answer = generator.answer([prompt["instruction"]], max_new_tokens, temperature, [prompt.get("input", "")])[0]
         done.append({"instruction": prompt["instruction"], "output": answer, "generator": name,
                      "dataset": prompt.get("dataset", "")})
-        temporary = output_path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(done, handle, indent=1, ensure_ascii=False)
-        os.replace(temporary, output_path)
+        write_records(done, output_path)
     return done

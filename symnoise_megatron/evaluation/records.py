@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import List
+import os
+import random
+from typing import List, Tuple
 
 
 def read_records(path: str, field: str) -> List[dict]:
@@ -15,3 +17,19 @@ def read_records(path: str, field: str) -> List[dict]:
     if bad:
         raise ValueError(f"{path}: rows {bad[:5]} have no string {field!r}")
     return rows
+
+
+def split_records(rows: List[dict], held_out: int, seed: int) -> Tuple[List[dict], List[dict]]:
+    """(train, held-out): a seeded shuffle, ``held_out`` rows set aside, each part in file order."""
+    if not 0 < held_out < len(rows):
+        raise ValueError(f"cannot hold out {held_out} of {len(rows)} rows")
+    chosen = set(random.Random(seed).sample(range(len(rows)), held_out))
+    return ([row for i, row in enumerate(rows) if i not in chosen], [row for i, row in enumerate(rows) if i in chosen])
+
+
+def write_records(rows: List[dict], path: str) -> None:
+    """A JSON array, written atomically."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, indent=1, ensure_ascii=False)
+    os.replace(temporary, path)

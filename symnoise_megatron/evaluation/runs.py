@@ -1,10 +1,17 @@
-"""Read training logs (Megatron-LM's line format) and put several runs side by side."""
+"""Read training logs (Megatron-LM's line format) and put several runs side by side.
+
+Runs that share a name are seeds of one setting: the table and the plots show their mean
+and spread, and say whether a setting's validation loss differs from the first setting's
+by more than the seeds' own spread (|difference| > 2 x its standard error).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import math
+import statistics
+from typing import Dict, List, Optional, Sequence
 
 from symnoise_megatron.evaluation.metrics import response_metrics
 
@@ -33,23 +40,91 @@ def read_log(path: str, name: str) -> Run:
     return run
 
 
-def summary_table(runs: List[Run], words: int) -> str:
-    header = ["run", "final train loss", "final validation loss", "best validation loss",
-              "responses", "avg words", "rep-2 (%)", "log-diversity"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def group_runs(runs: Sequence[Run]) -> Dict[str, List[Run]]:
+    """Runs by name, in first-seen order: one entry per setting, one run per seed."""
+    groups: Dict[str, List[Run]] = {}
     for run in runs:
-        last_valid = run.validation[max(run.validation)] if run.validation else None
-        best_valid = min(run.validation.values()) if run.validation else None
-        metrics = response_metrics(run.outputs, words, run.name) if run.outputs else None
-        cells = [run.name, run.train[max(run.train)], last_valid, best_valid,
-                 metrics.responses if metrics else None, metrics.avg_words if metrics else None,
-                 metrics.rep_2 if metrics else None, metrics.log_diversity if metrics else None]
-        lines.append("| " + " | ".join("-" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        groups.setdefault(run.name, []).append(run)
+    return groups
+
+
+@dataclass
+class Spread:
+    mean: float
+    sd: float  # sample standard deviation over seeds; 0 for one seed
+    n: int
+
+    @classmethod
+    def of(cls, values) -> Optional["Spread"]:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+    def __str__(self):
+        return f"{self.mean:.4g}" if self.n == 1 else f"{self.mean:.4g} ± {self.sd:.2g}"
+
+
+def difference_verdict(value: Optional[Spread], baseline: Optional[Spread]) -> str:
+    """The difference of two settings' means, and whether the seeds' spread covers it."""
+    if value is None or baseline is None:
+        return "-"
+    delta = value.mean - baseline.mean
+    if value.n < 2 or baseline.n < 2:
+        return f"{delta:+.3g} (one seed: no spread)"
+    error = math.sqrt(value.sd ** 2 / value.n + baseline.sd ** 2 / baseline.n)
+    verdict = "within seed noise" if abs(delta) <= 2 * error else "beyond seed noise"
+    return f"{delta:+.3g} ({verdict})"
+
+
+@dataclass
+class SettingSummary:
+    name: str
+    seeds: int
+    train_loss: Optional[Spread]
+    final_validation: Optional[Spread]
+    best_validation: Optional[Spread]
+    avg_words: Optional[Spread]
+    rep_2: Optional[Spread]
+    log_diversity: Optional[Spread]
+
+
+def summarize(runs: List[Run], words: int) -> SettingSummary:
+    metrics = [response_metrics(run.outputs, words, run.name) for run in runs if run.outputs]
+    return SettingSummary(
+        name=runs[0].name, seeds=len(runs),
+        train_loss=Spread.of(run.train[max(run.train)] for run in runs),
+        final_validation=Spread.of(run.validation[max(run.validation)] if run.validation else None for run in runs),
+        best_validation=Spread.of(min(run.validation.values()) if run.validation else None for run in runs),
+        avg_words=Spread.of(m.avg_words for m in metrics), rep_2=Spread.of(m.rep_2 for m in metrics),
+        log_diversity=Spread.of(m.log_diversity for m in metrics),
+    )
+
+
+def summary_table(runs: List[Run], words: int) -> str:
+    summaries = [summarize(group, words) for group in group_runs(runs).values()]
+    baseline = summaries[0]
+    header = ["setting", "seeds", "final train loss", "final validation loss", "best validation loss",
+              f"validation vs {baseline.name}", "avg words", "rep-2 (%)", "log-diversity"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for summary in summaries:
+        versus = "-" if summary is baseline else difference_verdict(summary.final_validation, baseline.final_validation)
+        cells = [summary.name, str(summary.seeds), summary.train_loss, summary.final_validation, summary.best_validation,
+                 versus, summary.avg_words, summary.rep_2, summary.log_diversity]
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
+def _mean_curve(curves: List[Dict[int, float]]):
+    """Iterations every seed logged, with the mean, min and max there."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    values = [[c[step] for c in curves] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
 def plot_runs(runs: List[Run], output_dir: str, words: int) -> List[str]:
-    """Loss curves, response-length distributions and the Table 4 metrics as PNGs."""
+    """Loss curves (mean over seeds, band from min to max), response lengths and the
+    Table 4 metrics (mean, error bar one standard deviation) as PNGs."""
     import os
 
     import matplotlib
@@ -57,13 +132,19 @@ def plot_runs(runs: List[Run], output_dir: str, words: int) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = group_runs(runs)
     os.makedirs(output_dir, exist_ok=True)
     written = []
     figure, (train_axis, valid_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        train_axis.plot(list(run.train), list(run.train.values()), marker=".", label=run.name)
-        if run.validation:
-            valid_axis.plot(list(run.validation), list(run.validation.values()), marker="o", label=run.name)
+    for name, group in groups.items():
+        for axis, curves, marker in ((train_axis, [r.train for r in group], "."),
+                                     (valid_axis, [r.validation for r in group if r.validation], "o")):
+            steps, mean, low, high = _mean_curve(curves)
+            if not steps:
+                continue
+            line, = axis.plot(steps, mean, marker=marker, label=name)
+            if len(curves) > 1:
+                axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     for axis, title in ((train_axis, "training loss (with noise)"), (valid_axis, "validation loss (no noise)")):
         axis.set_title(title)
         axis.set_xlabel("iteration")
@@ -76,21 +157,23 @@ def plot_runs(runs: List[Run], output_dir: str, words: int) -> List[str]:
     figure.savefig(written[-1], dpi=120)
     plt.close(figure)
 
-    with_outputs = [run for run in runs if run.outputs]
+    with_outputs = {name: [r for r in group if r.outputs] for name, group in groups.items()}
+    with_outputs = {name: group for name, group in with_outputs.items() if group}
     if with_outputs:
-        figure, (length_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
-        length_axis.hist([[len(t.split()) for t in run.outputs] for run in with_outputs], bins=20,
-                         label=[run.name for run in with_outputs])
-        length_axis.set_title("response length (words)")
+        figure, (length_axis, rep_axis, diversity_axis) = plt.subplots(1, 3, figsize=(15, 4))
+        length_axis.hist([[len(t.split()) for r in group for t in r.outputs] for group in with_outputs.values()],
+                         bins=20, label=list(with_outputs))
+        length_axis.set_title("response length (words, all seeds)")
         length_axis.legend(fontsize=8)
-        metrics = [response_metrics(run.outputs, words, run.name) for run in with_outputs]
-        names = [m.file for m in metrics]
-        positions = range(len(names))
-        metric_axis.bar([p - 0.2 for p in positions], [m.rep_2 or 0 for m in metrics], width=0.4, label="rep-2 (%)")
-        metric_axis.bar([p + 0.2 for p in positions], [m.log_diversity or 0 for m in metrics], width=0.4, label="log-diversity")
-        metric_axis.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
-        metric_axis.set_title(f"repetition and diversity (first {words} words)")
-        metric_axis.legend(fontsize=8)
+        summaries = [summarize(group, words) for group in with_outputs.values()]
+        positions = list(range(len(summaries)))
+        for axis, field_name, title in ((rep_axis, "rep_2", f"rep-2 (%) of the first {words} words"),
+                                        (diversity_axis, "log_diversity", "log-diversity")):
+            spreads = [getattr(s, field_name) for s in summaries]
+            axis.bar(positions, [sp.mean if sp else 0 for sp in spreads],
+                     yerr=[sp.sd if sp else 0 for sp in spreads], capsize=3)
+            axis.set_xticks(positions, [s.name for s in summaries], rotation=30, ha="right", fontsize=8)
+            axis.set_title(title)
         figure.tight_layout()
         written.append(os.path.join(output_dir, "responses.png"))
         figure.savefig(written[-1], dpi=120)

@@ -22,6 +22,7 @@ class TrainingConfig:
     # data
     data_path: List[str] = field(default_factory=list)  # one preprocessed prefix (PREFIX_tokens.bin ...)
     split: str = "98,2"                # train,validation weights of a seeded shuffle
+    valid_data_path: List[str] = field(default_factory=list)  # a held-out prefix; then all of --data-path trains
     seq_length: int = 512
     pack_sequences: bool = False       # several samples per row; attention and loss never cross them
     # model
@@ -89,9 +90,12 @@ class TrainingConfig:
             raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not constant, linear, cosine or inverse-square-root")
         if self.save_interval and not self.save:
             raise ValueError("--save-interval needs --save")
-        for prefix in self.data_path:
-            if not os.path.exists(prefix + "_tokens.bin"):
-                raise FileNotFoundError(f"--data-path {prefix}: {prefix}_tokens.bin does not exist")
+        if len(self.valid_data_path) > 1:
+            raise ValueError("--valid-data-path takes one preprocessed prefix")
+        for flag, prefixes in (("--data-path", self.data_path), ("--valid-data-path", self.valid_data_path)):
+            for prefix in prefixes:
+                if not os.path.exists(prefix + "_tokens.bin"):
+                    raise FileNotFoundError(f"{flag} {prefix}: {prefix}_tokens.bin does not exist")
         if self.load and not paths.has_checkpoint(self.load):
             raise FileNotFoundError(f"--load {self.load}: no {paths.TRACKER} there")
 
@@ -102,7 +106,9 @@ class TrainingConfig:
 
 HELP = {
     "data_path": "the output prefix of tools/preprocess_data.py",
-    "split": "train,validation weights of a seeded shuffle of the samples",
+    "split": "train,validation weights of a seeded shuffle of the samples (ignored with --valid-data-path)",
+    "valid_data_path": "a held-out set preprocessed with the same tokenizer and template: the validation loss "
+                       "comes from it and all of --data-path trains",
     "seq_length": "tokens per row; longer samples are cut",
     "pack_sequences": "pack several samples per row (attention and loss never cross samples)",
     "model": "model preset when not loading a checkpoint",

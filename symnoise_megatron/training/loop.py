@@ -8,6 +8,7 @@ import signal
 import time
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,8 +55,18 @@ class Trainer:
         cfg.validate()
         self.cfg, self.log = cfg, log
         self.data = SFTIndexedData(cfg.data_path[0])
-        self.train_indices, self.valid_indices = split_indices(len(self.data), cfg.split_weights, cfg.seed)
         vocab = self.data.meta["tokenizer"]["vocab_size"]
+        if cfg.valid_data_path:
+            self.valid_data = SFTIndexedData(cfg.valid_data_path[0])
+            described = [{key: d.meta["tokenizer"][key] for key in ("kind", "vocab_size", "bos_id", "eos_id")}
+                         | {"prompt_template": d.meta["prompt_template"]} for d in (self.data, self.valid_data)]
+            if described[0] != described[1]:
+                raise ValueError(f"--valid-data-path {cfg.valid_data_path[0]} was preprocessed with another tokenizer "
+                                 f"or template than --data-path {cfg.data_path[0]}: {described[1]} vs {described[0]}")
+            self.train_indices, self.valid_indices = np.arange(len(self.data)), np.arange(len(self.valid_data))
+        else:
+            self.valid_data = self.data
+            self.train_indices, self.valid_indices = split_indices(len(self.data), cfg.split_weights, cfg.seed)
         if cfg.load:
             self.model = model_config_of(cfg.load)
             if self.model.vocab_size < vocab:
@@ -160,8 +171,8 @@ class Trainer:
         self.history: List[dict] = []
 
     # data -------------------------------------------------------------------------------
-    def _microbatches(self, groups, indices) -> List[MicroBatch]:
-        samples = [[Sample(uid, *self.data[int(indices[i])]) for uid, i in group] for group in groups]
+    def _microbatches(self, groups, indices, data) -> List[MicroBatch]:
+        samples = [[Sample(uid, *data[int(indices[i])]) for uid, i in group] for group in groups]
         if not self.cfg.pack_sequences:
             return [collate(group, self.cfg.seq_length, self.pad_id) for group in samples]
         rows = pack([s for group in samples for s in group], self.cfg.seq_length, self.pad_id)
@@ -202,7 +213,7 @@ class Trainer:
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        microbatches = self._microbatches(self.sampler.next_global_batch(), self.train_indices)
+        microbatches = self._microbatches(self.sampler.next_global_batch(), self.train_indices, self.data)
         loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):
@@ -230,7 +241,7 @@ class Trainer:
         with torch.no_grad():
             for _ in range(self.cfg.eval_iters):
                 step_sum, step_tokens = self._run_schedule(
-                    self._microbatches(sampler.next_global_batch(), self.valid_indices), NoiseConfig("none"), True)
+                    self._microbatches(sampler.next_global_batch(), self.valid_indices, self.valid_data), NoiseConfig("none"), True)
                 loss_sum, tokens = loss_sum + step_sum, tokens + step_tokens
         return loss_sum / max(tokens, 1)
 

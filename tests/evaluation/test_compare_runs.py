@@ -30,8 +30,23 @@ def test_table_and_plots(tmp_path, capsys):
     assert main(["--run", f"none={tmp_path / 'none.log'}", "--run", f"symnoise={tmp_path / 'sym.log'}:{tmp_path / 'sym.json'}",
                  "--output-dir", str(tmp_path / "out"), "--words", "6"]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| none | 2 | 2.4 | 2.4 | - |" in table and "| symnoise | 2.1 | 2.2 | 2.2 | 1 | 6 | 60 |" in table
+    assert "| none | 1 | 2 | 2.4 | 2.4 | - | - |" in table
+    assert "| symnoise | 1 | 2.1 | 2.2 | 2.2 | -0.2 (one seed: no spread) | 6 | 60 |" in table
     for png in ("loss.png", "responses.png"):
         with open(tmp_path / "out" / png, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(["--run", "broken", "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_seeds_of_a_setting_give_mean_spread_and_a_seed_noise_verdict(tmp_path):
+    from symnoise_megatron.evaluation.runs import summary_table
+
+    runs = []
+    for name, finals in (("none", [2.0, 2.2, 2.4]), ("close", [2.1, 2.3, 2.5]), ("far", [1.0, 1.01, 1.02])):
+        for seed, final in enumerate(finals):
+            write_log(tmp_path / f"{name}{seed}.log", [3.0, 2.5], {2: final})
+            runs.append(read_log(str(tmp_path / f"{name}{seed}.log"), name))
+    table = summary_table(runs, words=6)
+    assert "| none | 3 | 2.5 ± 0 | 2.2 ± 0.2 |" in table
+    assert "| close | 3 | 2.5 ± 0 | 2.3 ± 0.2 | 2.3 ± 0.2 | +0.1 (within seed noise) |" in table
+    assert "| far | 3 | 2.5 ± 0 | 1.01 ± 0.01 | 1.01 ± 0.01 | -1.19 (beyond seed noise) |" in table

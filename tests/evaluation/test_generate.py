@@ -73,3 +73,24 @@ def test_generation_is_in_eval_mode_and_deterministic(checkpoints):
     assert not any(module.training for module in generator.model.modules())
     first = generator.answer(["Name a colour."], max_new_tokens=10)
     assert generator.answer(["Name a colour."], max_new_tokens=10) == first
+
+
+def test_split_records_is_seeded_disjoint_and_complete(tmp_path):
+    import json
+
+    from tools.split_records import main
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50)]
+    (tmp_path / "all.json").write_text(json.dumps(rows))
+    outputs = []
+    for attempt in range(2):
+        train, held = tmp_path / f"train{attempt}.json", tmp_path / f"held{attempt}.json"
+        assert main(["--input", str(tmp_path / "all.json"), "--held-out", "10", "--seed", "3",
+                     "--train-output", str(train), "--held-out-output", str(held)]) == 0
+        outputs.append((json.loads(train.read_text()), json.loads(held.read_text())))
+    (train, held), again = outputs[0], outputs[1]
+    assert again == (train, held) and len(held) == 10 and len(train) == 40
+    assert sorted(train + held, key=lambda r: int(r["instruction"][1:])) == rows
+    assert train == [r for r in rows if r in train]  # input order kept
+    assert main(["--input", str(tmp_path / "all.json"), "--held-out", "50", "--train-output", str(tmp_path / "t"),
+                 "--held-out-output", str(tmp_path / "h")]) == 2

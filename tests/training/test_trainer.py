@@ -255,3 +255,46 @@ def test_weights_and_biases_gets_the_same_scalars_offline(data_prefix, tmp_path)
     [record] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     content = open(record, "rb").read()
     assert b"lm loss" in content and b"noise scale" in content and b"symnoise-test" in content
+
+
+def validation_losses(configs):
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    out = []
+    for config in configs:
+        trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
+        out.append((len(trainer.train_indices), len(trainer.data), trainer.evaluate()))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_valid_data_path_is_the_held_out_set_and_all_of_data_path_trains(data_prefix, tmp_path):
+    import json
+
+    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
+    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    with open(BUNDLED_INSTRUCTIONS) as handle:
+        rows = json.load(handle)
+    (tmp_path / "held_out.json").write_text(json.dumps(rows[:24]))
+    held_out = str(tmp_path / "held_out")
+    preprocess(PreprocessConfig([str(tmp_path / "held_out.json")], held_out, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
+                                seq_length=129, progress=False))
+    common = dict(BASE, eval_iters=2)
+    separate, held_out_only, split = run_distributed(validation_losses, 1, [
+        dict(common, data_path=[data_prefix], valid_data_path=[held_out]),
+        dict(common, data_path=[held_out], valid_data_path=[held_out]),
+        dict(common, data_path=[data_prefix]),
+    ])[0]
+    assert separate[0] == separate[1] and split[0] < split[1]
+    assert separate[2] == held_out_only[2]  # the validation loss depends on the held-out set only
+    assert separate[2] != pytest.approx(split[2], rel=1e-4)
+
+    preprocess(PreprocessConfig([str(tmp_path / "held_out.json")], held_out + "_vicuna", TokenizerSpec(model_file=BUNDLED_TOKENIZER),
+                                prompt_template="vicuna_v1.1", seq_length=129, progress=False))
+    with pytest.raises(RuntimeError, match="another tokenizer or template"):
+        run_distributed(validation_losses, 1, [dict(common, data_path=[data_prefix], valid_data_path=[held_out + "_vicuna"])])

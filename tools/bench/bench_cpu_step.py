@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""A SmolLM2-135M training step on CPU: this stack under several layouts against transformers
+with NEFTune, on the same samples, in one run.
+
+  python tools/bench/bench_cpu_step.py --workdir /tmp/bench_step --steps 6
+
+Both sides take the same global batches (the trainer's seeded order over the bundled set,
+preprocessed with SmolLM2's tokenizer and ChatML), compute the same loss (response tokens)
+and take an AdamW step in fp32. This stack packs each global batch into rows of
+--seq-length (megatron-core local spec on CPU, gloo); transformers pads each batch to its
+longest sample and adds NEFTune's uniform noise through its own hook. Throughput counts real
+(non-padding) data tokens, so packing and padding waste count against whichever side has
+them. The first --warmup steps are not timed. `uniform` is the like-for-like row (NEFTune);
+`symmetric` runs both copies of every sample, twice the work per data token.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+LAYOUTS = {  # name: (tensor parallel, pipeline parallel)
+    "tp1": (1, 1),
+    "tp1_pp2": (1, 2),
+    "tp3": (3, 1),
+}
+
+
+def prepare(workdir):
+    """SmolLM2 (HF and converted) and the bundled set preprocessed for it; reused when present."""
+    from symnoise_megatron.checkpoint.gguf import materialize
+    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS
+    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    hf_dir = materialize("smollm2-135m-instruct", os.environ.get("SYMNOISE_CACHE") or os.path.join(workdir, "cache"))
+    megatron_dir, prefix = os.path.join(workdir, "smollm2-megatron"), os.path.join(workdir, "data", "bundled")
+    if not os.path.exists(prefix + "_tokens.bin"):
+        preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(directory=hf_dir),
+                                    prompt_template="chatml", seq_length=257, progress=False))
+    if not os.path.exists(os.path.join(megatron_dir, "latest_checkpointed_iteration.txt")):
+        subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--load-dir", hf_dir,
+                        "--save-dir", megatron_dir, "--no-progress"], check=True)
+    return hf_dir, megatron_dir, prefix
+
+
+def training_config(args, megatron_dir, prefix, noise_kind, tp=1, pp=1):
+    from symnoise_megatron.training.arguments import TrainingConfig
+
+    return TrainingConfig(
+        data_path=[prefix], load=megatron_dir, finetune=True, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, pack_sequences=True, train_iters=args.warmup + args.steps, lr=1e-5,
+        lr_warmup_fraction=0.0, noise_kind=noise_kind, noise_alpha=5.0, eval_interval=None, log_interval=10 ** 6,
+    )
+
+
+def real_tokens(microbatches):
+    return int(sum(((mb.position_ids < mb.lengths) if mb.lengths.dim() == 2 else
+                    (mb.position_ids < mb.lengths[:, None])).sum() for mb in microbatches))
+
+
+def worker(args):
+    """Inside torchrun: time this stack's steps; rank 0 writes the figures as JSON."""
+    import torch.distributed as dist
+
+    from symnoise_megatron.runtime.cpu import runtime_for_this_machine
+    from symnoise_megatron.training.loop import Trainer
+
+    tp, pp = LAYOUTS[args.layout]
+    with runtime_for_this_machine():
+        trainer = Trainer(training_config(args, args.megatron_dir, args.data_prefix, args.noise_kind, tp, pp), log=lambda m: None)
+        counted = []
+        build = trainer._microbatches
+
+        def counting(groups, indices, data):
+            microbatches = build(groups, indices, data)
+            counted.append(real_tokens(microbatches))
+            return microbatches
+
+        trainer._microbatches = counting
+        times, losses = [], []
+        for _ in range(args.warmup + args.steps):
+            dist.barrier()
+            started = time.perf_counter()
+            loss, *_ = trainer.train_step()
+            dist.barrier()
+            times.append(time.perf_counter() - started)
+            losses.append(loss)
+        timed = slice(args.warmup, None)
+        tokens = sum(counted[timed])  # every rank builds the whole global batch: one replica, no data parallelism
+        if dist.get_rank() == 0:
+            with open(args.result, "w") as handle:
+                json.dump({"seconds": sum(times[timed]), "steps": args.steps, "tokens": float(tokens), "losses": losses}, handle)
+
+
+def transformers_reference(args, hf_dir, prefix):
+    """The same global batches through transformers with NEFTune's hook and AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
+    from symnoise_megatron.data.sft_dataset import SFTIndexedData, split_indices
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.train()
+    embeddings = model.get_input_embeddings()
+
+    def neftune(module, inputs, output):  # transformers.trainer_utils.neftune_post_forward_hook's formula
+        scale = 5.0 / torch.sqrt(torch.tensor(output.size(1) * output.size(2)))
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    embeddings.register_forward_hook(neftune)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    config = training_config(args, None, prefix, "uniform")
+    data = SFTIndexedData(prefix)
+    train, _ = split_indices(len(data), config.split_weights, config.seed)
+    sampler = GlobalBatchSampler(SampleOrder(len(train), config.seed), config.global_batch_size, config.micro_batch_size)
+    pad = data.meta["tokenizer"]["eos_id"]
+    times, tokens, losses = [], 0, []
+    for step in range(args.warmup + args.steps):
+        samples = [data[int(train[index])] for group in sampler.next_global_batch() for _, index in group]
+        samples = [(ids[: args.seq_length + 1], mask[: args.seq_length + 1]) for ids, mask in samples]
+        width = max(len(ids) for ids, _ in samples) - 1
+        inputs = torch.full((len(samples), width), pad, dtype=torch.long)
+        labels = torch.full((len(samples), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, (ids, mask) in enumerate(samples):
+            ids, mask = torch.from_numpy(ids.astype("int64")), torch.from_numpy(mask.astype("bool"))
+            n = len(ids) - 1
+            inputs[row, :n], attention[row, :n] = ids[:-1], 1
+            labels[row, :n] = torch.where(mask[1:], ids[1:], torch.tensor(-100))
+        started = time.perf_counter()
+        logits = model(input_ids=inputs, attention_mask=attention).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        if step >= args.warmup:
+            times.append(elapsed)
+            tokens += int(attention.sum())
+        losses.append(float(loss))
+    return {"seconds": sum(times), "steps": args.steps, "tokens": tokens, "losses": losses}
+
+
+def run_layout(args, layout, noise_kind, megatron_dir, prefix):
+    tp, pp = LAYOUTS[layout]
+    result = os.path.join(args.workdir, f"{layout}_{noise_kind}.json")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // (tp * pp))))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp),
+               __file__, "--worker", "--layout", layout, "--noise-kind", noise_kind, "--megatron-dir", megatron_dir,
+               "--data-prefix", prefix, "--result", result] + forwarded(args)
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(result) as handle:
+        return json.load(handle)
+
+
+def forwarded(args):
+    return ["--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch-size", str(args.global_batch_size),
+            "--micro-batch-size", str(args.micro_batch_size), "--seq-length", str(args.seq_length),
+            "--threads", str(args.threads)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/bench_cpu_step")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--global-batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per row, split over its ranks")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", help=argparse.SUPPRESS)
+    parser.add_argument("--noise-kind", help=argparse.SUPPRESS)
+    parser.add_argument("--megatron-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data-prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    os.makedirs(args.workdir, exist_ok=True)
+    hf_dir, megatron_dir, prefix = prepare(args.workdir)
+    rows = {"transformers + NEFTune (uniform 5)": transformers_reference(args, hf_dir, prefix)}
+    for layout in args.layouts:
+        for noise_kind in ("uniform", "symmetric"):
+            rows[f"symnoise-megatron {layout}, {noise_kind} 5"] = run_layout(args, layout, noise_kind, megatron_dir, prefix)
+    reference = rows["transformers + NEFTune (uniform 5)"]
+    reference_rate = reference["tokens"] / reference["seconds"]
+    print(f"SmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
+          f"{args.global_batch_size}, {args.steps} timed steps after {args.warmup} warm-up, seq {args.seq_length}\n")
+    print("| run | s/step | data tokens/s | vs transformers + NEFTune |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        rate = row["tokens"] / row["seconds"]
+        print(f"| {name} | {row['seconds'] / row['steps']:.2f} | {rate:.0f} | {rate / reference_rate:.2f}x |")
+    with open(os.path.join(args.workdir, "results.json"), "w") as handle:
+        json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
