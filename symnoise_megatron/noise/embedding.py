@@ -11,6 +11,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding_noise import embedding_noise, noise_scale
+from symnoise_megatron.noise.fused import add_noise_fused, fused_noise_usable
 
 
 @dataclass
@@ -51,6 +52,8 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
         self.noise_batch: Optional[NoiseBatch] = None
         # Mean per-token scale of the last noised micro-batch, for logging.
         self.last_noise_scale: float = 0.0
+        # The Triton kernel where it can run (CUDA); the torch reference otherwise.
+        self.use_fused_noise: bool = True
 
     @classmethod
     def replacing(cls, embedding: VocabParallelEmbedding, noise_config: NoiseConfig, config):
@@ -96,16 +99,20 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
             positions = positions[:, window]
             uids = uids[:, window] if uids.dim() == 2 else uids
             lengths = lengths[:, window] if lengths.dim() == 2 else lengths
-        noise = embedding_noise(
-            self.noise_config, uids, positions, lengths, self.embedding_dim,
-            sign=batch.sign, dtype=output.dtype,
-        )
         self.last_noise_scale = float(
             noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
         )
-        if self.reduce_scatter_embeddings:
-            noise = noise.transpose(0, 1)
-        return output + noise.to(output.device)
+        # Under sequence parallelism the output is [s/tp, b, h]; the noise is indexed [b, s, h].
+        rows_first = output.transpose(0, 1) if self.reduce_scatter_embeddings else output
+        if self.use_fused_noise and fused_noise_usable(rows_first):
+            noised = add_noise_fused(rows_first, self.noise_config, uids, positions, lengths, batch.sign, self.embedding_dim)
+        else:
+            noise = embedding_noise(
+                self.noise_config, uids, positions, lengths, self.embedding_dim,
+                sign=batch.sign, dtype=output.dtype,
+            )
+            noised = rows_first + noise.to(output.device)
+        return noised.transpose(0, 1) if self.reduce_scatter_embeddings else noised
 
 
 def noisy_embeddings(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]):

@@ -13,7 +13,7 @@ from symnoise_megatron.noise.config import NoiseConfig
 _TWO_PI = 2.0 * math.pi
 
 
-def _per_token(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def per_token(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-row [b] tensor to per-token [b, s]; per-token tensors pass through."""
     if value.dim() == 1:
         return value[:, None].expand_as(positions)
@@ -80,8 +80,7 @@ def embedding_noise(
     if positions.dim() != 2:
         raise ValueError(f"positions must be [b, s], got shape {tuple(positions.shape)}")
     positions = positions.to(torch.int64)
-    lengths = _per_token(lengths.to(positions.device), positions)
-    sample_uids = _per_token(sample_uids.to(positions.device), positions)
+    sample_uids = per_token(sample_uids.to(positions.device), positions)
     hidden_slice = hidden_slice or slice(0, hidden_size)
     start, stop, step = hidden_slice.indices(hidden_size)
     hidden_index = torch.arange(start, stop, step, device=positions.device, dtype=torch.int64)
@@ -91,14 +90,21 @@ def embedding_noise(
     token_key = counter_rng.token_keys(
         counter_rng.sample_keys(config.seed, sample_uids), positions
     )
-    scale = noise_scale(config.alpha, lengths, hidden_size)
+    scale = token_scales(config.alpha, positions, lengths, hidden_size, sign)
+    eps = unit_noise(config.kind, token_key, hidden_index)
+    return (eps * scale[..., None]).to(dtype)
+
+
+def token_scales(alpha: float, positions: torch.Tensor, lengths: torch.Tensor, hidden_size: int,
+                 sign: Union[int, torch.Tensor] = 1) -> torch.Tensor:
+    """The signed scale of each token, [b, s] float32: ``sign * alpha / sqrt(L * d)`` on
+    real tokens, exactly 0 on padding (``position >= length``)."""
+    lengths = per_token(lengths.to(positions.device), positions)
+    scale = noise_scale(alpha, lengths, hidden_size)
     real = (positions >= 0) & (positions < lengths)
     scale = torch.where(real, scale, torch.zeros_like(scale))
     if isinstance(sign, torch.Tensor):
-        scale = scale * sign.to(scale)[:, None]
-    elif sign not in (1, -1):
+        return scale * sign.to(scale)[:, None]
+    if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
-    else:
-        scale = scale * sign
-    eps = unit_noise(config.kind, token_key, hidden_index)
-    return (eps * scale[..., None]).to(dtype)
+    return scale * sign

@@ -1,0 +1,44 @@
+"""The Triton kernel behind :mod:`symnoise_megatron.noise.fused` (imported only when used).
+
+fmix32 here is counter_rng's on uint32 words: Triton types the constants above 2**31 as
+uint32, so every multiply wraps modulo 2**32 like the reference's 16-bit-split products.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fmix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+@triton.jit
+def unit_interval(bits):
+    return ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
+
+@triton.jit
+def noise_kernel(x_ptr, out_ptr, key_ptr, scale_ptr, seq, hidden,
+                 x_stride_b, x_stride_s, out_stride_b, out_stride_s,
+                 KIND: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    row, column = token // seq, token % seq
+    hidden_index = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = hidden_index < hidden
+    key = tl.load(key_ptr + token).to(tl.uint32)
+    scale = tl.load(scale_ptr + token)
+    bits = fmix32(key ^ hidden_index.to(tl.uint32))
+    if KIND == 0:
+        eps = unit_interval(bits) * 2.0 - 1.0
+    elif KIND == 1:
+        eps = 1.0 - 2.0 * (bits >> 31).to(tl.float32)
+    else:
+        second = fmix32(key ^ (hidden_index.to(tl.uint32) | 0x80000000))
+        radius = tl.sqrt(-2.0 * tl.log(unit_interval(bits)))
+        eps = radius * tl.cos(6.283185307179586 * unit_interval(second))
+    x = tl.load(x_ptr + row * x_stride_b + column * x_stride_s + hidden_index, mask=inside)
+    noise = (eps * scale).to(x.dtype)
+    tl.store(out_ptr + row * out_stride_b + column * out_stride_s + hidden_index, x + noise, mask=inside)
