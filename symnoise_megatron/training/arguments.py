@@ -55,6 +55,9 @@ class TrainingConfig:
     bf16: bool = False
     fp8_format: Optional[str] = None   # e4m3 | hybrid (GPU, Transformer Engine)
     fp8_recipe: str = "delayed"
+    first_last_layers_bf16: bool = False  # keep the layers below out of FP8 (not with the delayed recipe)
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
     recompute_granularity: Optional[str] = None  # full | selective
     # noise
     noise_kind: str = "symmetric"
@@ -119,6 +122,10 @@ HELP = {
     "lr_warmup_fraction": "fraction of the iterations spent warming up the learning rate",
     "fp8_format": "e4m3 or hybrid: FP8 through Transformer Engine (GPU)",
     "fp8_recipe": "delayed, tensorwise or blockwise scaling (GPU)",
+    "first_last_layers_bf16": "run the first and last layers in BF16 under FP8 (tensorwise/blockwise recipes); "
+                              "the start-up check recommends it when FP8 would swallow the noise",
+    "num_layers_at_start_in_bf16": "with --first-last-layers-bf16: leading layers kept in BF16",
+    "num_layers_at_end_in_bf16": "with --first-last-layers-bf16: trailing layers kept in BF16",
     "recompute_granularity": "full or selective activation recomputation",
     "noise_kind": "none | uniform (NEFTune) | gaussian | bernoulli | symmetric (SymNoise)",
     "noise_alpha": "noise strength; scale = alpha / sqrt(L * d). Paper: Alpaca 5, Evol-Instruct 5, ShareGPT 10, OpenPlatypus 15",

@@ -116,6 +116,9 @@ class Trainer:
         overrides = {}
         if cfg.fp8_format:
             overrides.update(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe)
+            if cfg.first_last_layers_bf16:
+                overrides.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=cfg.num_layers_at_start_in_bf16,
+                                 num_layers_at_end_in_bf16=cfg.num_layers_at_end_in_bf16)
         if cfg.recompute_granularity:
             overrides.update(recompute_granularity=cfg.recompute_granularity)
             if cfg.recompute_granularity == "full":
@@ -129,6 +132,8 @@ class Trainer:
             source = paths.latest_checkpoint_dir(cfg.load)
             load_model_weights(chunks, source)
             log(f"loaded weights from {source} (fine-tuning from iteration 0)")
+        if cfg.fp8_format and self.noise.enabled and not cfg.first_last_layers_bf16:
+            self._check_fp8_resolution(chunks)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
@@ -169,6 +174,19 @@ class Trainer:
         self.skipped_iterations = 0
         self._stop_requested = False
         self.history: List[dict] = []
+
+    def _check_fp8_resolution(self, chunks):
+        """Warn when FP8 would swallow the noise at the first layer's inputs (issue-7 analysis,
+        on this model's own embedding rows at the data's mean sample length)."""
+        from symnoise_megatron.noise.fp8_resolution import check_first_layer
+
+        embeddings = [e for chunk in chunks for e in noisy_embeddings(chunk)]
+        if not embeddings or dist.get_rank() != 0:
+            return
+        mean_length = round(self.data.meta["tokens"] / max(1, self.data.meta["samples"]))
+        warning = check_first_layer(embeddings[0].weight, self.cfg.noise_alpha, mean_length, self.cfg.fp8_recipe)
+        if warning:
+            self.log("WARNING: " + warning)
 
     # data -------------------------------------------------------------------------------
     def _microbatches(self, groups, indices, data) -> List[MicroBatch]:
