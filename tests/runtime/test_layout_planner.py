@@ -1,0 +1,74 @@
+"""The layout planner: parameters per rank against megatron-core's own model, the memory
+rules of the pairings and the distributed optimizer, and the SLURM example's layouts."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from symnoise_megatron.model.config import ModelConfig, preset
+from symnoise_megatron.runtime.layout_planner import PlanInputs, plan, ranked_plans, stage_parameters
+from tests.distributed import run_distributed
+
+MODELS = {
+    "llama_gqa": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                             ffn_hidden_size=176, vocab_size=1000),
+    "llama_tied": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
+                              vocab_size=1000, tie_word_embeddings=True),
+}
+
+
+def parameters_per_rank(model, tp, pp):
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config
+    from symnoise_megatron.noise import NoiseConfig
+    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+
+    parallel = ParallelConfig(tp, pp)
+    initialize_distributed(parallel)
+    chunks = build_model_chunks(model, NoiseConfig("none"), make_transformer_config(model, parallel),
+                                make_vocab_size_divisible_by=128)
+    return parallel_state.get_pipeline_model_parallel_rank(), sum(p.numel() for c in chunks for p in c.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_parameters_per_rank_match_megatron_cores_model(name, tp, pp):
+    model = MODELS[name]
+    for stage, count in run_distributed(parameters_per_rank, tp * pp, model, tp, pp):
+        assert stage_parameters(model, tp, pp, stage) == count, (stage, count)
+
+
+def test_pairing_and_distributed_optimizer_memory_rules():
+    model = preset("llama2-7b")
+    concat = plan(PlanInputs(model, gpus=8, pairing="concat"), 1, 1, 1, 8)
+    split = plan(PlanInputs(model, gpus=8, pairing="microbatch"), 1, 1, 1, 8)
+    single = plan(PlanInputs(model, gpus=8, pairing="none"), 1, 1, 1, 8)
+    assert concat.activations_gb == pytest.approx(2 * split.activations_gb)
+    assert split.activations_gb == pytest.approx(single.activations_gb)
+    assert split.step_seconds > single.step_seconds * 1.9  # both copies are computed either way
+    unsharded = plan(PlanInputs(model, gpus=8, distributed_optimizer=False), 1, 1, 1, 8)
+    assert unsharded.optimizer_gb == pytest.approx(8 * concat.optimizer_gb)
+    full = plan(PlanInputs(model, gpus=8, recompute="full"), 1, 1, 1, 8)
+    assert full.activations_gb < concat.activations_gb / 4
+
+
+def test_every_ranked_layout_is_valid_and_fitting_ones_come_first():
+    inputs = PlanInputs(preset("llama2-70b"), seq_length=4096, gpus=64, fp8=True)
+    plans = ranked_plans(inputs)
+    fits = [p.fits for p in plans]
+    assert fits == sorted(fits, reverse=True) and fits[0]
+    for p in plans:
+        assert p.tp * p.pp * p.cp * p.dp == 64 and p.tp <= 8
+        assert inputs.model.query_groups % p.tp == 0 and inputs.model.num_layers % p.pp == 0
+        assert inputs.global_batch_size % p.dp == 0
+
+
+@pytest.mark.parametrize("nodes, gpus", [(8, 64), (16, 128)])
+def test_the_70b_slurm_example_uses_the_recommended_layout(nodes, gpus):
+    script = (Path(__file__).parents[2] / "examples" / "slurm_llama2_70b_fp8.sbatch").read_text()
+    tp, pp = re.search(rf"^\s*{nodes}\)\s+TP=(\d+) PP=(\d+) ;;", script, re.M).groups()
+    best = ranked_plans(PlanInputs(preset("llama2-70b"), seq_length=512, global_batch_size=128, gpus=gpus,
+                                   fp8=True, pairing="microbatch"))[0]
+    assert (best.tp, best.pp) == (int(tp), int(pp)) and "--noise-pairing microbatch" in script
