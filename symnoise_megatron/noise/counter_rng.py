@@ -43,10 +43,15 @@ def fmix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def seed_key(seed: int) -> int:
+    """The 32-bit key every sample key starts from."""
+    return fmix32_int(seed ^ _SEED_SALT)
+
+
 def sample_keys(seed: int, sample_uids: torch.Tensor) -> torch.Tensor:
     """A 32-bit key per sample uid (int64, any shape, uids in [0, 2**63))."""
     uids = sample_uids.to(torch.int64)
-    key = fmix32_int(seed ^ _SEED_SALT)
+    key = seed_key(seed)
     key = fmix32((uids & _MASK32) ^ key)
     return fmix32(key ^ (uids >> 32))
 

@@ -4,9 +4,9 @@ The torch reference (:func:`embedding_noise`) materialises the hidden index, the
 and the noise as [b, s, h] tensors before the add: about ten full-size temporaries. The
 Triton kernel reads ``x`` once, writes ``out`` once, and computes the same counter-based
 bits in registers: ``counter_rng``'s fmix32 on uint32 words (whose 16-bit-split multiplies
-are exactly uint32 multiplies). Per-token inputs (the 32-bit token key and the signed,
-padding-masked scale) come from the reference's own functions, so both paths share every
-rule but the arithmetic.
+are exactly uint32 multiplies). The per-token work (keys, the
+float64 scale, the padding mask, the sign) happens in the same launch, so a micro-batch costs
+one kernel and one read and write of the activations.
 
 Uniform, bernoulli and symmetric noise are bit-identical to the reference (integer
 arithmetic, then float operations that are exact or rounded once). Gaussian noise uses
@@ -17,6 +17,7 @@ log/sqrt/cos, whose last bit may differ between libm implementations.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -24,7 +25,6 @@ import torch
 
 from symnoise_megatron.noise import counter_rng
 from symnoise_megatron.noise.config import NoiseConfig
-from symnoise_megatron.noise.embedding_noise import per_token, token_scales
 
 _KINDS = {"uniform": 0, "bernoulli": 1, "symmetric": 1, "gaussian": 2}
 
@@ -50,24 +50,43 @@ def _kernel():
     return noise_kernel
 
 
-def token_noise_inputs(config: NoiseConfig, sample_uids, positions, lengths, hidden_size, sign=1):
-    """The per-token key (int64 holding 32 bits) and signed, padding-masked scale, [b, s]."""
-    positions = positions.to(torch.int64)
-    uids = per_token(sample_uids.to(positions.device), positions)
-    key = counter_rng.token_keys(counter_rng.sample_keys(config.seed, uids), positions)
-    return key.contiguous(), token_scales(config.alpha, positions, lengths, hidden_size, sign).contiguous()
+@functools.lru_cache(maxsize=64)
+def _alpha_on(device: torch.device, alpha: float) -> torch.Tensor:
+    """alpha as a float64 tensor: a scalar kernel argument would be float32, and the scale
+    is computed in float64 like the reference's ``noise_scale``."""
+    return torch.tensor([alpha], dtype=torch.float64, device=device)
+
+
+def _strides_per_token(value: torch.Tensor, positions: torch.Tensor):
+    """(tensor, row stride, column stride) reading a [b] or [b, s] tensor per token, without a copy."""
+    if value.dim() == 1:
+        return value, value.stride(0), 0
+    if value.shape != positions.shape:
+        raise ValueError(f"expected shape {tuple(positions.shape)} or [b], got {tuple(value.shape)}")
+    return value, value.stride(0), value.stride(1)
 
 
 def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, positions, lengths,
                     sign=1, hidden_size=None, block: int = 1024) -> torch.Tensor:
-    """``output + embedding_noise(...)`` in one kernel; ``output`` is [b, s, h] (any strides
-    with a contiguous hidden dimension). Returns a new tensor of the same strides."""
+    """``output + embedding_noise(...)`` in one kernel launch; ``output`` is [b, s, h] (any
+    strides with a contiguous hidden dimension). Returns a new tensor of the same strides."""
     batch, seq, hidden = output.shape
-    key, scale = token_noise_inputs(config, sample_uids, positions, lengths, hidden_size or hidden, sign)
-    key, scale = key.to(output.device), scale.to(output.device)
+    if (hidden_size or hidden) != hidden:
+        raise ValueError(f"the fused kernel noises the whole hidden dimension ({hidden}), not a slice of {hidden_size}")
+    device = output.device
+    positions = positions.to(device=device, dtype=torch.int64)
+    uids, uid_b, uid_s = _strides_per_token(sample_uids.to(device=device, dtype=torch.int64), positions)
+    lengths, length_b, length_s = _strides_per_token(lengths.to(device=device, dtype=torch.int64), positions)
+    per_row_sign = isinstance(sign, torch.Tensor)
+    if not per_row_sign and sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    signs = sign.to(device=device, dtype=torch.int64).contiguous() if per_row_sign else uids
     result = torch.empty_like(output)
     block = min(block, 1 << (hidden - 1).bit_length())
     grid = (batch * seq, -(-hidden // block))
-    _kernel()[grid](output, result, key, scale, seq, hidden, output.stride(0), output.stride(1),
-                    result.stride(0), result.stride(1), KIND=_KINDS[config.kind], BLOCK=block)
+    _kernel()[grid](
+        output, result, uids, positions, lengths, signs, _alpha_on(device, config.alpha), counter_rng.seed_key(config.seed),
+        1 if per_row_sign else int(sign), seq, hidden, output.stride(0), output.stride(1), result.stride(0),
+        result.stride(1), uid_b, uid_s, positions.stride(0), positions.stride(1), length_b, length_s,
+        KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, BLOCK=block)
     return result

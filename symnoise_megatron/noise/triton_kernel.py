@@ -2,6 +2,8 @@
 
 fmix32 here is counter_rng's on uint32 words: Triton types the constants above 2**31 as
 uint32, so every multiply wraps modulo 2**32 like the reference's 16-bit-split products.
+The per-token work (the sample and token keys, the scale in float64 as noise_scale computes
+it, the padding mask) happens in the same launch, once per program.
 """
 
 import triton
@@ -16,20 +18,35 @@ def fmix32(x):
     x = x * 0xC2B2AE35
     return x ^ (x >> 16)
 
+
 @triton.jit
 def unit_interval(bits):
     return ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
 
+
 @triton.jit
-def noise_kernel(x_ptr, out_ptr, key_ptr, scale_ptr, seq, hidden,
-                 x_stride_b, x_stride_s, out_stride_b, out_stride_s,
-                 KIND: tl.constexpr, BLOCK: tl.constexpr):
+def noise_kernel(x_ptr, out_ptr, uid_ptr, position_ptr, length_ptr, sign_ptr, alpha_ptr, seed_key, sign_value,
+                 seq, hidden, x_stride_b, x_stride_s, out_stride_b, out_stride_s, uid_stride_b, uid_stride_s,
+                 position_stride_b, position_stride_s, length_stride_b, length_stride_s,
+                 KIND: tl.constexpr, PER_ROW_SIGN: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     row, column = token // seq, token % seq
+    uid = tl.load(uid_ptr + row * uid_stride_b + column * uid_stride_s)
+    position = tl.load(position_ptr + row * position_stride_b + column * position_stride_s)
+    length = tl.load(length_ptr + row * length_stride_b + column * length_stride_s)
+    key = fmix32((uid & 0xFFFFFFFF).to(tl.uint32) ^ seed_key.to(tl.uint32))
+    key = fmix32(key ^ (uid >> 32).to(tl.uint32))
+    key = fmix32(key ^ (position & 0xFFFFFFFF).to(tl.uint32))
+    # float64 division and square root are IEEE-rounded on the GPU, as in torch's noise_scale.
+    scale = (tl.load(alpha_ptr) / tl.sqrt(tl.maximum(length, 1).to(tl.float64) * hidden)).to(tl.float32)
+    real = (position >= 0) & (position < length)
+    scale = tl.where(real, scale, 0.0)
+    if PER_ROW_SIGN:
+        scale = scale * tl.load(sign_ptr + row).to(tl.float32)
+    else:
+        scale = scale * sign_value
     hidden_index = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = hidden_index < hidden
-    key = tl.load(key_ptr + token).to(tl.uint32)
-    scale = tl.load(scale_ptr + token)
     bits = fmix32(key ^ hidden_index.to(tl.uint32))
     if KIND == 0:
         eps = unit_interval(bits) * 2.0 - 1.0

@@ -46,7 +46,7 @@ def batch(packed: bool, rows=3, seq=12):
     DEVICE == "cpu", reason="Triton's interpreter (numpy) has no bfloat16"))])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_kernel_gives_the_reference_bits(kind, dtype, packed):
-    config = NoiseConfig(kind, alpha=10.0, seed=3)
+    config = NoiseConfig(kind, alpha=7.3, seed=3)  # not a binary fraction: the float64 scale must round alike
     uids, positions, lengths = batch(packed)
     hidden = 80  # not a power of two: the last block is masked
     x = torch.randn(3, 12, hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""The fused noise kernel on a GPU: achieved bandwidth against the device's own copy
+bandwidth, and time against the unfused torch reference, in one run.
+
+  python tools/bench/bench_noise_kernel.py                       # LLaMA-2-7B and 70B widths, BF16
+  python tools/bench/bench_noise_kernel.py --tokens 16384 --hidden 8192 --dtype float32
+
+For each shape: the kernel reads x and writes x + noise (2 x b x s x h x bytes moved; the
+per-token key and scale are negligible); ``copy`` is ``out.copy_(x)`` on the same tensors,
+the best a one-pass elementwise kernel can do. Goal (issue 7): kernel bandwidth >= 85% of copy.
+Needs CUDA and Triton; prints why not otherwise.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding_noise import embedding_noise
+from symnoise_megatron.noise.fused import add_noise_fused, triton_available
+
+
+def cuda_time(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs, after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="b x s per micro-batch")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--kinds", nargs="+", default=["symmetric", "uniform", "gaussian"])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or not triton_available():
+        print("needs a CUDA device and Triton (the kernel's bits are checked on CPU by tests/noise/test_fused_kernel.py)")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}\n")
+    print("| kind | tokens | hidden | copy GB/s | kernel GB/s | kernel / copy | torch reference ms | kernel ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        for hidden in args.hidden:
+            rows, seq = max(1, tokens // 4096), min(tokens, 4096)
+            x = torch.randn(rows, seq, hidden, device="cuda", dtype=dtype)
+            out = torch.empty_like(x)
+            positions = torch.arange(seq, device="cuda").expand(rows, seq)
+            lengths = torch.full((rows,), seq, device="cuda")
+            uids = torch.arange(rows, device="cuda")
+            sign = torch.ones(rows, dtype=torch.int64, device="cuda")
+            moved = 2 * x.numel() * x.element_size()
+            copy = cuda_time(lambda: out.copy_(x), args.repeats)
+            for kind in args.kinds:
+                config = NoiseConfig(kind, 5.0, seed=1)
+                fused = cuda_time(lambda: add_noise_fused(x, config, uids, positions, lengths, sign), args.repeats)
+                reference = cuda_time(lambda: x + embedding_noise(config, uids, positions, lengths, hidden, sign=sign,
+                                                                  dtype=dtype), args.repeats)
+                print(f"| {kind} | {rows * seq} | {hidden} | {moved / copy / 1e9:.0f} | {moved / fused / 1e9:.0f} | "
+                      f"{copy / fused:.1%} | {reference * 1e3:.3f} | {fused * 1e3:.3f} | {reference / fused:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
