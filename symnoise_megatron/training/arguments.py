@@ -27,6 +27,7 @@ class TrainingConfig:
     pack_sequences: bool = False       # several samples per row; attention and loss never cross them
     # model
     model: str = "tiny"                # a preset; with --load the shape comes from the checkpoint
+    num_layers: Optional[int] = None   # with --model: the preset with this many layers
     load: Optional[str] = None
     finetune: bool = False             # --load gives weights only, from iteration 0 (a checkpoint in --save still resumes)
     make_vocab_size_divisible_by: int = 128
@@ -85,6 +86,8 @@ class TrainingConfig:
             raise ValueError("--data-path takes one preprocessed prefix; concatenate inputs at preprocessing")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters and --train-epochs")
+        if self.num_layers is not None and (self.load or self.num_layers < 1):
+            raise ValueError("--num-layers applies to a --model preset (not --load) and must be positive")
         if self.model not in PRESETS and self.load is None:
             raise ValueError(f"--model {self.model!r} is not a preset ({', '.join(sorted(PRESETS))})")
         if self.noise_kind not in NOISE_KINDS or self.noise_pairing not in PAIRINGS:
@@ -115,6 +118,7 @@ HELP = {
     "seq_length": "tokens per row; longer samples are cut",
     "pack_sequences": "pack several samples per row (attention and loss never cross samples)",
     "model": "model preset when not loading a checkpoint",
+    "num_layers": "with --model: override the preset's layer count (a 7B-wide model that fits one GPU, a quick trial)",
     "load": "a megatron checkpoint directory (converted or trained)",
     "finetune": "take only the weights of --load and start at iteration 0",
     "num_layers_per_virtual_pipeline_stage": "interleaved 1F1B: layers per virtual stage",

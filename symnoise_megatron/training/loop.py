@@ -73,7 +73,7 @@ class Trainer:
                 raise ValueError(f"--load {cfg.load}: its vocabulary ({self.model.vocab_size}) is smaller than the data's tokenizer ({vocab})")
         else:
             base = preset(cfg.model)
-            self.model = dataclasses.replace(base, vocab_size=vocab,
+            self.model = dataclasses.replace(base, vocab_size=vocab, num_layers=cfg.num_layers or base.num_layers,
                                              max_position_embeddings=max(base.max_position_embeddings, cfg.seq_length))
         if cfg.seq_length > self.model.max_position_embeddings:
             raise ValueError(f"--seq-length {cfg.seq_length} exceeds the model's {self.model.max_position_embeddings} positions")

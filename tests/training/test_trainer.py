@@ -298,3 +298,17 @@ def test_valid_data_path_is_the_held_out_set_and_all_of_data_path_trains(data_pr
                                 prompt_template="vicuna_v1.1", seq_length=129, progress=False))
     with pytest.raises(RuntimeError, match="another tokenizer or template"):
         run_distributed(validation_losses, 1, [dict(common, data_path=[data_prefix], valid_data_path=[held_out + "_vicuna"])])
+
+
+def built_layers(config):
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
+    return trainer.model.num_layers, len(trainer.chunks[0].module.decoder.layers), trainer.train_step()[0]
+
+
+def test_num_layers_overrides_the_preset(data_prefix):
+    config = dict(BASE, data_path=[data_prefix], load=None, finetune=False, model="tiny", num_layers=3)
+    declared, built, loss = run_distributed(built_layers, 1, config)[0]
+    assert declared == built == 3 and loss > 0
