@@ -101,6 +101,7 @@ def worker(args):
 def transformers_reference(args, hf_dir, prefix):
     """The same global batches through transformers with NEFTune's hook and AdamW."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.neftune import activate_neftune
 
     from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
     from symnoise_megatron.data.sft_dataset import SFTIndexedData, split_indices
@@ -108,13 +109,7 @@ def transformers_reference(args, hf_dir, prefix):
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
-    embeddings = model.get_input_embeddings()
-
-    def neftune(module, inputs, output):  # transformers.trainer_utils.neftune_post_forward_hook's formula
-        scale = 5.0 / torch.sqrt(torch.tensor(output.size(1) * output.size(2)))
-        return output + torch.zeros_like(output).uniform_(-scale, scale)
-
-    embeddings.register_forward_hook(neftune)
+    activate_neftune(model, 5.0)  # transformers' own hook, as its Trainer installs it
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     config = training_config(args, None, prefix, "uniform")
     data = SFTIndexedData(prefix)
@@ -145,7 +140,7 @@ def transformers_reference(args, hf_dir, prefix):
         if step >= args.warmup:
             times.append(elapsed)
             tokens += int(attention.sum())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"seconds": sum(times), "steps": args.steps, "tokens": tokens, "losses": losses}
 
 
