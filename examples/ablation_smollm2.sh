@@ -17,7 +17,7 @@ ITERS=${ITERS:-16}
 SEEDS=${SEEDS:-"1 2 3"}
 PROMPTS=${PROMPTS:-12}
 HELD_OUT=${HELD_OUT:-100}
-WORDS=${WORDS:-32}
+WORDS=${WORDS:-16}  # the answers (64 new tokens) average 25 words: K=16 counts about 2 in 3
 run="$root/runs/ablation_smollm2"
 mkdir -p "$run/outputs" "$run/logs" "$run/splits"
 
