@@ -38,6 +38,9 @@ GPU_MEMORY_GB = {"H100": 80.0, "H200": 141.0, "A100": 80.0}
 GPUS_PER_NODE = 8
 FIXED_OVERHEAD_GB = 5.0
 MIN_TOKENS_PER_CONTEXT_RANK = 2048
+# The fine-tuning loop does not split sequences across context-parallel ranks yet, so the
+# planner offers none; the memory and time model already accounts for CP (2, 4, 8).
+CONTEXT_PARALLEL_SIZES = (1,)
 NVLINK_GBPS = 300.0  # achieved per-GPU collective bandwidth inside an H100 node, GB/s
 USABLE_FRACTION = 0.92  # of the card, before the allocator runs out in practice
 
@@ -131,7 +134,7 @@ def valid_layouts(inputs: PlanInputs):
         for pp in _divisors(model.num_layers):
             if pp > 32:
                 continue
-            for cp in (1, 2, 4, 8):
+            for cp in CONTEXT_PARALLEL_SIZES:
                 if inputs.seq_length % (2 * cp * tp) or (cp > 1 and inputs.seq_length // cp < MIN_TOKENS_PER_CONTEXT_RANK):
                     continue
                 ranks = tp * pp * cp

@@ -35,6 +35,20 @@ class TrainingStopped(RuntimeError):
     pass
 
 
+def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[MicroBatch]:
+    """The step's micro-batches cut to its longest real token, rounded up to ``multiple``.
+
+    Padding only ever follows real tokens, so cutting it changes no loss and no noise; it
+    saves the compute that a fixed --seq-length spends on padding (short instruction data).
+    All micro-batches of a step keep one length: pipeline stages exchange one shape.
+    """
+    longest = max(int(((mb.position_ids < (mb.lengths if mb.lengths.dim() == 2 else mb.lengths[:, None]))
+                       * torch.arange(1, mb.tokens.shape[1] + 1)).max()) for mb in microbatches)
+    full = microbatches[0].tokens.shape[1]
+    length = min(full, max(multiple, -(-longest // multiple) * multiple))
+    return [mb.truncated(length) for mb in microbatches] if length < full else microbatches
+
+
 def _parallel(cfg: TrainingConfig, num_layers: int) -> ParallelConfig:
     vpp = None
     if cfg.num_layers_per_virtual_pipeline_stage:
@@ -190,6 +204,12 @@ class Trainer:
 
     # data -------------------------------------------------------------------------------
     def _microbatches(self, groups, indices, data) -> List[MicroBatch]:
+        # Sequence parallelism splits the sequence over TP ranks; GPU GEMMs (FP8 above all) want
+        # multiples of 16. A CPU needs neither, and every rounded-up position costs compute.
+        multiple = (16 if torch.cuda.is_available() else 1) * self.cfg.tensor_model_parallel_size
+        return trimmed_to_longest(self._full_length_microbatches(groups, indices, data), multiple)
+
+    def _full_length_microbatches(self, groups, indices, data) -> List[MicroBatch]:
         samples = [[Sample(uid, *data[int(indices[i])]) for uid, i in group] for group in groups]
         if not self.cfg.pack_sequences:
             return [collate(group, self.cfg.seq_length, self.pad_id) for group in samples]
@@ -209,7 +229,7 @@ class Trainer:
         iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=self.cfg.seq_length,
+            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=microbatches[0].tokens.shape[1],
             micro_batch_size=microbatch_rows(microbatches[0].size, noise), forward_only=forward_only,
         )
         return self._global_loss(reports)
@@ -232,6 +252,7 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         microbatches = self._microbatches(self.sampler.next_global_batch(), self.train_indices, self.data)
+        self.last_step_positions = sum(mb.tokens.numel() for mb in microbatches) * self.noise.copies
         loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):
@@ -291,7 +312,7 @@ class Trainer:
         while self.iteration < self.train_iters:
             loss, grad_norm, tokens, success = self.train_step()
             self.iteration += 1
-            window_tokens += self.config_rows_tokens()
+            window_tokens += self.last_step_positions * self.dp_size
             window_iterations += 1
             record = {"iteration": self.iteration, "loss": loss, "grad_norm": float(grad_norm or 0.0),
                       "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]), "tokens": tokens}
@@ -339,6 +360,3 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({name: value}, step=self.iteration)
 
-    def config_rows_tokens(self) -> float:
-        """Tokens processed per step, counting both copies of a symmetric pair."""
-        return float(self.cfg.global_batch_size * self.cfg.seq_length * self.noise.copies)

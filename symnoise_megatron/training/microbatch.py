@@ -66,6 +66,15 @@ class MicroBatch:
             },
         )
 
+    def truncated(self, length: int) -> "MicroBatch":
+        """The first ``length`` positions of every row (the attention mask cut to match)."""
+        cut = {name: getattr(self, name)[:, :length] for name in ("tokens", "labels", "loss_mask", "position_ids")}
+        for name in ("sample_uids", "lengths"):
+            value = getattr(self, name)
+            if value.dim() == 2:
+                cut[name] = value[:, :length]
+        return dataclasses.replace(self, attention_mask=self.attention_mask[:, :, :length, :length], **cut)
+
     def doubled(self) -> "MicroBatch":
         """``concat`` pairing: ``[X + s*eps ; X - s*eps]`` with everything duplicated."""
         return concatenate([self.with_sign(1), self.with_sign(-1)])

@@ -6,9 +6,10 @@ with NEFTune, on the same samples, in one run.
 
 Both sides take the same global batches (the trainer's seeded order over the bundled set,
 preprocessed with SmolLM2's tokenizer and ChatML), compute the same loss (response tokens)
-and take an AdamW step in fp32. This stack packs each global batch into rows of
---seq-length (megatron-core local spec on CPU, gloo); transformers pads each batch to its
-longest sample and adds NEFTune's uniform noise through its own hook. Throughput counts real
+and take an AdamW step in fp32. This stack pads each micro-batch's rows to the step's longest
+sample (or packs rows with --pack-sequences; megatron-core local spec on CPU, gloo);
+transformers pads each batch to its longest sample and adds NEFTune's uniform noise through
+its own hook. Throughput counts real
 (non-padding) data tokens, so packing and padding waste count against whichever side has
 them. The first --warmup steps are not timed. `uniform` is the like-for-like row (NEFTune);
 `symmetric` runs both copies of every sample, twice the work per data token.
@@ -54,7 +55,7 @@ def training_config(args, megatron_dir, prefix, noise_kind, tp=1, pp=1):
     return TrainingConfig(
         data_path=[prefix], load=megatron_dir, finetune=True, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        seq_length=args.seq_length, pack_sequences=True, train_iters=args.warmup + args.steps, lr=1e-5,
+        seq_length=args.seq_length, pack_sequences=args.pack_sequences, train_iters=args.warmup + args.steps, lr=1e-5,
         lr_warmup_fraction=0.0, noise_kind=noise_kind, noise_alpha=5.0, eval_interval=None, log_interval=10 ** 6,
     )
 
@@ -159,6 +160,7 @@ def run_layout(args, layout, noise_kind, megatron_dir, prefix):
 def forwarded(args):
     return ["--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch-size", str(args.global_batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--seq-length", str(args.seq_length),
+            *(["--pack-sequences"] if args.pack_sequences else []),
             "--threads", str(args.threads)]
 
 
@@ -168,7 +170,9 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--global-batch-size", type=int, default=8)
-    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--pack-sequences", action="store_true", help="pack rows (default: one sample per row, "
+                        "padded to the step's longest, as transformers pads a batch)")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per row, split over its ranks")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
@@ -191,7 +195,9 @@ def main():
     reference = rows["transformers + NEFTune (uniform 5)"]
     reference_rate = reference["tokens"] / reference["seconds"]
     print(f"SmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
-          f"{args.global_batch_size}, {args.steps} timed steps after {args.warmup} warm-up, seq {args.seq_length}\n")
+          f"{args.global_batch_size}, micro-batch {args.micro_batch_size}, "
+          f"{'packed' if args.pack_sequences else 'padded'} rows, {args.steps} timed steps after {args.warmup} "
+          f"warm-up, seq {args.seq_length}\n")
     print("| run | s/step | data tokens/s | vs transformers + NEFTune |")
     print("|---|---|---|---|")
     for name, row in rows.items():
