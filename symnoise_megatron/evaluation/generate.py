@@ -63,7 +63,6 @@ def generate_file(generator: "Generator", prompts_path: str, output_path: str, n
     The output is rewritten (atomically) after each answer, so an interrupted run keeps
     what it did; answered prompts (same position, same instruction) are skipped.
     """
-    import json
     import os
 
     from tqdm import tqdm
@@ -71,8 +70,7 @@ def generate_file(generator: "Generator", prompts_path: str, output_path: str, n
     prompts = read_prompts(prompts_path)[:limit]
     done: List[dict] = []
     if os.path.exists(output_path):
-        with open(output_path, encoding="utf-8") as handle:
-            done = json.load(handle)
+        done = read_records(output_path, "instruction")
         for index, row in enumerate(done):
             if index >= len(prompts) or row.get("instruction") != prompts[index]["instruction"]:
                 raise ValueError(f"{output_path}: row {index + 1} does not answer {prompts_path}'s row {index + 1}; "

@@ -7,10 +7,10 @@ by more than the seeds' own spread (|difference| > 2 x its standard error).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 import math
+import re
 import statistics
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from symnoise_megatron.evaluation.metrics import response_metrics

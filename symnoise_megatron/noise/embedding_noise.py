@@ -105,6 +105,11 @@ def token_scales(alpha: float, positions: torch.Tensor, lengths: torch.Tensor, h
     scale = torch.where(real, scale, torch.zeros_like(scale))
     if isinstance(sign, torch.Tensor):
         return scale * sign.to(scale)[:, None]
+    return scale * check_sign(sign)
+
+
+def check_sign(sign: int) -> int:
+    """A whole micro-batch's sign: +1, or -1 for the symmetric partner."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
-    return scale * sign
+    return sign

@@ -25,10 +25,12 @@ import torch
 
 from symnoise_megatron.noise import counter_rng
 from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding_noise import check_sign, per_token
 
 _KINDS = {"uniform": 0, "bernoulli": 1, "symmetric": 1, "gaussian": 2}
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -57,15 +59,6 @@ def _alpha_on(device: torch.device, alpha: float) -> torch.Tensor:
     return torch.tensor([alpha], dtype=torch.float64, device=device)
 
 
-def _strides_per_token(value: torch.Tensor, positions: torch.Tensor):
-    """(tensor, row stride, column stride) reading a [b] or [b, s] tensor per token, without a copy."""
-    if value.dim() == 1:
-        return value, value.stride(0), 0
-    if value.shape != positions.shape:
-        raise ValueError(f"expected shape {tuple(positions.shape)} or [b], got {tuple(value.shape)}")
-    return value, value.stride(0), value.stride(1)
-
-
 def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, positions, lengths,
                     sign=1, hidden_size=None, block: int = 1024) -> torch.Tensor:
     """``output + embedding_noise(...)`` in one kernel launch; ``output`` is [b, s, h] (any
@@ -75,18 +68,18 @@ def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, posi
         raise ValueError(f"the fused kernel noises the whole hidden dimension ({hidden}), not a slice of {hidden_size}")
     device = output.device
     positions = positions.to(device=device, dtype=torch.int64)
-    uids, uid_b, uid_s = _strides_per_token(sample_uids.to(device=device, dtype=torch.int64), positions)
-    lengths, length_b, length_s = _strides_per_token(lengths.to(device=device, dtype=torch.int64), positions)
+    # Per-row values broadcast as stride-0 views: read per token without a copy.
+    uids = per_token(sample_uids.to(device=device, dtype=torch.int64), positions)
+    lengths = per_token(lengths.to(device=device, dtype=torch.int64), positions)
     per_row_sign = isinstance(sign, torch.Tensor)
-    if not per_row_sign and sign not in (1, -1):
-        raise ValueError(f"sign must be +1 or -1, got {sign}")
     signs = sign.to(device=device, dtype=torch.int64).contiguous() if per_row_sign else uids
     result = torch.empty_like(output)
     block = min(block, 1 << (hidden - 1).bit_length())
     grid = (batch * seq, -(-hidden // block))
     _kernel()[grid](
         output, result, uids, positions, lengths, signs, _alpha_on(device, config.alpha), counter_rng.seed_key(config.seed),
-        1 if per_row_sign else int(sign), seq, hidden, output.stride(0), output.stride(1), result.stride(0),
-        result.stride(1), uid_b, uid_s, positions.stride(0), positions.stride(1), length_b, length_s,
+        1 if per_row_sign else check_sign(int(sign)), seq, hidden, output.stride(0), output.stride(1),
+        result.stride(0), result.stride(1), uids.stride(0), uids.stride(1), positions.stride(0), positions.stride(1),
+        lengths.stride(0), lengths.stride(1),
         KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, BLOCK=block)
     return result

@@ -15,12 +15,16 @@ Memory per GPU, on the busiest pipeline stage (the first: embedding plus its lay
 
 Step time: model FLOPs of the step (6 x parameters + attention, per token, x 2 for the
 symmetric pair) over GPUs x peak x the stated MFU, stretched by the 1F1B bubble
-``(PP - 1) / micro-batches``, plus the data-parallel gradient reduce-scatter and parameter
-all-gather of the distributed optimizer (FP32 gradients, BF16 parameters: 6 bytes per held
-parameter x (DP - 1) / DP), not overlapped, over NVLink inside a node or the per-GPU
-network bandwidth across nodes. The MFU is an input, not a prediction: it stands for kernel
-efficiency and tensor-parallel communication. Context parallelism is offered only where each
-rank keeps at least 2,048 tokens of the sequence (below that its ring exchange dominates).
+``(PP - 1) / micro-batches``, plus three communication terms, none assumed overlapped (so
+the estimate errs slow): the distributed optimizer's gradient reduce-scatter and parameter
+all-gather over DP (FP32 gradients, BF16 parameters: 6 bytes per held parameter x (DP - 1) /
+DP), over NVLink inside a node or the per-GPU network bandwidth across nodes; the pipeline's
+sends and receives of each micro-batch's activations and gradients (four of ``s * b * h / TP``
+BF16 values), across nodes when a stage fills a node; sequence parallelism's all-gathers and
+reduce-scatters (8 per layer and micro-batch of ``s * b * h`` BF16 values x (TP - 1) / TP) over
+NVLink. The MFU is an input, not a prediction: it stands for kernel efficiency. Context
+parallelism, when the loop supports it, is offered only where each rank keeps at least 2,048
+tokens of the sequence (below that its ring exchange dominates).
 Layouts are ranked: those that fit first; among them, those within 5% of the fastest
 estimate (the estimate cannot tell such layouts apart) by fewer model-parallel ranks, then
 by smaller TP; then the rest by time.

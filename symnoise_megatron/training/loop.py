@@ -42,8 +42,7 @@ def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[Mi
     saves the compute that a fixed --seq-length spends on padding (short instruction data).
     All micro-batches of a step keep one length: pipeline stages exchange one shape.
     """
-    longest = max(int(((mb.position_ids < (mb.lengths if mb.lengths.dim() == 2 else mb.lengths[:, None]))
-                       * torch.arange(1, mb.tokens.shape[1] + 1)).max()) for mb in microbatches)
+    longest = max(int((mb.real_tokens() * torch.arange(1, mb.tokens.shape[1] + 1)).max()) for mb in microbatches)
     full = microbatches[0].tokens.shape[1]
     length = min(full, max(multiple, -(-longest // multiple) * multiple))
     return [mb.truncated(length) for mb in microbatches] if length < full else microbatches

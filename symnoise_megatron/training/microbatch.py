@@ -10,6 +10,7 @@ import torch
 
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import NoiseBatch
+from symnoise_megatron.noise.embedding_noise import per_token
 
 
 def attention_mask_from_positions(positions: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,10 @@ class MicroBatch:
     @property
     def size(self) -> int:
         return self.tokens.shape[0]
+
+    def real_tokens(self) -> torch.Tensor:
+        """[b, s] True on the tokens of samples, False on padding."""
+        return self.position_ids < per_token(self.lengths, self.position_ids)
 
     def noise_batch(self) -> NoiseBatch:
         return NoiseBatch(self.sample_uids, self.position_ids, self.lengths, self.sign)

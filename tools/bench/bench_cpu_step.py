@@ -61,8 +61,7 @@ def training_config(args, megatron_dir, prefix, noise_kind, tp=1, pp=1):
 
 
 def real_tokens(microbatches):
-    return int(sum(((mb.position_ids < mb.lengths) if mb.lengths.dim() == 2 else
-                    (mb.position_ids < mb.lengths[:, None])).sum() for mb in microbatches))
+    return int(sum(mb.real_tokens().sum() for mb in microbatches))
 
 
 def worker(args):
