@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import List, Optional
 
@@ -71,7 +72,9 @@ def make_transformer_config(
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=on_gpu and not llama,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # The local spec's fused softmax needs Megatron-LM's compiled kernels (not in the wheel);
+        # without them megatron-core would import them anyway on the first attention.
+        masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

@@ -51,7 +51,7 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
         self.noise_config = noise_config
         self.noise_batch: Optional[NoiseBatch] = None
         # Mean per-token scale of the last noised micro-batch, for logging.
-        self.last_noise_scale: float = 0.0
+        self._last_noise_scale = torch.zeros(())
         # The Triton kernel where it can run (CUDA); the torch reference otherwise.
         self.use_fused_noise: bool = True
 
@@ -74,6 +74,11 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
         noisy.weight = embedding.weight
         noisy.deterministic_mode = embedding.deterministic_mode
         return noisy
+
+    @property
+    def last_noise_scale(self) -> float:
+        """The mean noise scale alpha / sqrt(L d) of the last noised micro-batch (0 before any)."""
+        return float(self._last_noise_scale)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         output = super().forward(input_)
@@ -99,9 +104,8 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
             positions = positions[:, window]
             uids = uids[:, window] if uids.dim() == 2 else uids
             lengths = lengths[:, window] if lengths.dim() == 2 else lengths
-        self.last_noise_scale = float(
-            noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
-        )
+        # Kept on the device: a float() here would sync the host on every micro-batch.
+        self._last_noise_scale = noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
         # Under sequence parallelism the output is [s/tp, b, h]; the noise is indexed [b, s, h].
         rows_first = output.transpose(0, 1) if self.reduce_scatter_embeddings else output
         if self.use_fused_noise and fused_noise_usable(rows_first):

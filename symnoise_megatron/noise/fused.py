@@ -60,7 +60,7 @@ def _alpha_on(device: torch.device, alpha: float) -> torch.Tensor:
 
 
 def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, positions, lengths,
-                    sign=1, hidden_size=None, block: int = 1024) -> torch.Tensor:
+                    sign=1, hidden_size=None, block: int = 1024, tokens_per_program: int = 2) -> torch.Tensor:
     """``output + embedding_noise(...)`` in one kernel launch; ``output`` is [b, s, h] (any
     strides with a contiguous hidden dimension). Returns a new tensor of the same strides."""
     batch, seq, hidden = output.shape
@@ -75,11 +75,13 @@ def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, posi
     signs = sign.to(device=device, dtype=torch.int64).contiguous() if per_row_sign else uids
     result = torch.empty_like(output)
     block = min(block, 1 << (hidden - 1).bit_length())
-    grid = (batch * seq, -(-hidden // block))
+    tokens = batch * seq
+    grid = (-(-tokens // tokens_per_program), -(-hidden // block))
     _kernel()[grid](
         output, result, uids, positions, lengths, signs, _alpha_on(device, config.alpha), counter_rng.seed_key(config.seed),
-        1 if per_row_sign else check_sign(int(sign)), seq, hidden, output.stride(0), output.stride(1),
+        1 if per_row_sign else check_sign(int(sign)), tokens, seq, hidden, output.stride(0), output.stride(1),
         result.stride(0), result.stride(1), uids.stride(0), uids.stride(1), positions.stride(0), positions.stride(1),
         lengths.stride(0), lengths.stride(1),
-        KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, BLOCK=block)
+        KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, ROUNDED_PRODUCT=output.is_cuda,
+        TOKENS=tokens_per_program, BLOCK=block)
     return result

@@ -47,8 +47,12 @@ class ParallelConfig:
         return world_size // self.model_parallel_size
 
 
-def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None) -> None:
-    """Join the job's process group (torchrun's environment) and build megatron's groups."""
+def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None, seed: int = 1234) -> None:
+    """Join the job's process group (torchrun's environment) and build megatron's groups.
+
+    On a GPU this also seeds megatron-core's CUDA RNG tracker (tensor-parallel weight
+    init and dropout fork it), as Megatron-LM's initialisation does; on CPU the runtime
+    replaces that tracker."""
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
@@ -61,6 +65,17 @@ def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = No
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
     )
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def compute_device() -> torch.device:
+    """Where this rank's model, batches and collectives live: its GPU under NCCL, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def destroy_distributed() -> None:

@@ -22,7 +22,7 @@ from symnoise_megatron.model.builder import build_model_chunks, make_transformer
 from symnoise_megatron.model.config import preset
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import noisy_embeddings
-from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, metrics
 from symnoise_megatron.training.arguments import TrainingConfig
 from symnoise_megatron.training.forward_step import forward_step
@@ -109,7 +109,8 @@ class Trainer:
                 import wandb  # noqa: F401
             except ImportError:
                 raise ValueError("--wandb-project needs the wandb package: pip install wandb") from None
-        initialize_distributed(self.parallel)
+        initialize_distributed(self.parallel, seed=cfg.seed)
+        self.device = compute_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         # Checked before any model is built: a bad batch shape or checkpoint fails at once.
@@ -147,6 +148,15 @@ class Trainer:
             log(f"loaded weights from {source} (fine-tuning from iteration 0)")
         if cfg.fp8_format and self.noise.enabled and not cfg.first_last_layers_bf16:
             self._check_fp8_resolution(chunks)
+        # As Megatron-LM's get_model: layers megatron-core builds on the host (the local spec's
+        # torch norms) join the rest on this rank's GPU.
+        chunks = [chunk.to(self.device) for chunk in chunks]
+        if cfg.bf16:
+            # As Megatron-LM: parameters megatron-core leaves in FP32 (the local spec's torch
+            # norms) go to BF16 too, so the mixed-precision optimizer and its checkpoint see one dtype.
+            from megatron.core.transformer.module import Float16Module
+
+            chunks = [Float16Module(self.config, chunk) for chunk in chunks]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
@@ -224,7 +234,7 @@ class Trainer:
     def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        paired = list(paired_microbatches(microbatches, noise))
+        paired = [mb.to(self.device) for mb in paired_microbatches(microbatches, noise)]
         iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
@@ -237,7 +247,7 @@ class Trainer:
         """(summed loss, loss tokens) over the whole global batch, on every rank."""
         from megatron.core import parallel_state
 
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
             total += torch.stack([r["lm loss"] for r in reports]).sum(0).double()
         dist.all_reduce(total)
@@ -296,7 +306,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, request_stop)
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

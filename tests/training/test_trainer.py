@@ -116,6 +116,30 @@ def test_resume_is_exact_and_works_under_another_layout(data_prefix, tmp_path):
     assert resumed_elsewhere == pytest.approx(straight[2:], rel=2e-5, abs=2e-5)
 
 
+def bf16_parameter_dtypes(config):
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
+    dtypes = sorted({str(p.dtype) for chunk in trainer.chunks for p in chunk.parameters()})
+    parallel_state.destroy_model_parallel()
+    return dtypes
+
+
+def test_bf16_training_holds_bf16_weights_and_resumes_exactly(data_prefix, tmp_path):
+    # Megatron-LM's Float16Module: the local spec's torch norms would otherwise stay FP32 and the
+    # mixed-precision optimizer's checkpoint would not match the model's (the save failed).
+    common = dict(BASE, data_path=[data_prefix], bf16=True, pipeline_model_parallel_size=2, eval_interval=None,
+                  noise_kind="symmetric")
+    assert run_distributed(bf16_parameter_dtypes, 2, common)[0] == ["torch.bfloat16"]
+    straight, first_half = run_distributed(train_runs, 2, [
+        dict(common, save=str(tmp_path / "straight")), dict(common, save=str(tmp_path / "stopped"), exit_interval=2)])[0]
+    second_half = run_distributed(train_runs, 2, [dict(common, save=str(tmp_path / "stopped"))])[0][0]
+    assert first_half == straight[:2] and second_half == straight[2:]
+
+
 def crash_during_second_save(config):
     from megatron.core import dist_checkpointing
 

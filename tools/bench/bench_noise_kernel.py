@@ -22,7 +22,7 @@ from symnoise_megatron.noise.fused import add_noise_fused, triton_available
 
 
 def cuda_time(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs, after warm-up."""
+    """Median seconds of ``fn`` over ``repeats`` runs, after warm-up, host launch cost included."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -37,6 +37,28 @@ def cuda_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, repeats: int, calls: int = 20) -> float:
+    """Median device seconds of one ``fn`` call: ``calls`` calls captured in a CUDA graph and
+    replayed, so the host's launch cost (paid once per micro-batch in training, hidden behind
+    the GPU's queue) stays out of the bandwidth."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as error:  # something in fn cannot be captured: time it eagerly
+        print(f"(not capturable, timed eagerly: {str(error).splitlines()[0]})")
+        torch.cuda.synchronize()
+        return cuda_time(fn, repeats)
+    return cuda_time(graph.replay, repeats) / calls
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="b x s per micro-batch")
@@ -44,14 +66,17 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--kinds", nargs="+", default=["symmetric", "uniform", "gaussian"])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--tiles", nargs="+", default=["4x1024"],
+                        help="TOKENSxBLOCK tiles per program to compare (add_noise_fused's tokens_per_program, block)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not triton_available():
         print("needs a CUDA device and Triton (the kernel's bits are checked on CPU by tests/noise/test_fused_kernel.py)")
         return 1
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}\n")
-    print("| kind | tokens | hidden | copy GB/s | kernel GB/s | kernel / copy | torch reference ms | kernel ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("Device time from CUDA-graph replays; 'per call' adds the host's launch cost (eager).\n")
+    print("| kind | tokens | hidden | tile | copy GB/s | kernel GB/s | kernel / copy | reference ms | kernel ms | speed-up | per call ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         for hidden in args.hidden:
             rows, seq = max(1, tokens // 4096), min(tokens, 4096)
@@ -62,14 +87,22 @@ def main(argv=None):
             uids = torch.arange(rows, device="cuda")
             sign = torch.ones(rows, dtype=torch.int64, device="cuda")
             moved = 2 * x.numel() * x.element_size()
-            copy = cuda_time(lambda: out.copy_(x), args.repeats)
+            copy = graph_time(lambda: out.copy_(x), args.repeats)
             for kind in args.kinds:
                 config = NoiseConfig(kind, 5.0, seed=1)
-                fused = cuda_time(lambda: add_noise_fused(x, config, uids, positions, lengths, sign), args.repeats)
-                reference = cuda_time(lambda: x + embedding_noise(config, uids, positions, lengths, hidden, sign=sign,
+                reference = graph_time(lambda: x + embedding_noise(config, uids, positions, lengths, hidden, sign=sign,
                                                                   dtype=dtype), args.repeats)
-                print(f"| {kind} | {rows * seq} | {hidden} | {moved / copy / 1e9:.0f} | {moved / fused / 1e9:.0f} | "
-                      f"{copy / fused:.1%} | {reference * 1e3:.3f} | {fused * 1e3:.3f} | {reference / fused:.1f}x |")
+                for tile in args.tiles:
+                    per_program, block = (int(v) for v in tile.split("x"))
+                    def kernel():
+                        return add_noise_fused(x, config, uids, positions, lengths, sign, block=block,
+                                               tokens_per_program=per_program)
+
+                    fused, eager = graph_time(kernel, args.repeats), cuda_time(kernel, args.repeats)
+                    print(f"| {kind} | {rows * seq} | {hidden} | {tile} | {moved / copy / 1e9:.0f} | {moved / fused / 1e9:.0f} | "
+                          f"{copy / fused:.1%} | {reference * 1e3:.3f} | {fused * 1e3:.3f} | {reference / fused:.1f}x | "
+                          f"{eager * 1e3:.3f} |",
+                          flush=True)
     return 0
 
 
