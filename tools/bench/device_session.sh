@@ -5,8 +5,11 @@
 #
 #   bash tools/bench/device_session.sh [STAGE ...]     # default: all stages
 #
-# Set-up: megatron-core (cp312 wheel) and anything else missing there travel in .whl/, see
-# tools/bench/RESULTS.md ("GPU session") for the download command. Stages:
+# Set-up: the device has torch and Triton but no megatron-core; its cp312 wheel travels in .whl/
+# (ignored by git; pass .whl in the call's carry):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
+# Results of the last session: tools/bench/RESULTS.md. Stages:
 #   env          GPU, driver and package versions
 #   kernel       the fused Triton noise kernel against the torch reference on CUDA (bf16 too)
 #   kernel_bench kernel bandwidth vs copy, and vs the unfused reference
