@@ -18,19 +18,26 @@ _SEED_SALT = 0x9E3779B9
 STREAM_BIT = 1 << 31
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x * constant) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _mul32_(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x = (x * constant) mod 2**32 in place, for int64 x in [0, 2**32), without int64 overflow."""
+    high = x * (constant >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    x *= constant & 0xFFFF
+    x += high
+    x &= _MASK32
+    return x
 
 
 def fmix32(x: torch.Tensor) -> torch.Tensor:
+    # In place after the first operation (which copies): the noise's [b, s, h] int64
+    # temporaries dominate its cost on CPU.
     x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, _M2)
-    return x ^ (x >> 16)
+    _mul32_(x, _M1)
+    x ^= x >> 13
+    _mul32_(x, _M2)
+    x ^= x >> 16
+    return x
 
 
 def fmix32_int(x: int) -> int:

@@ -4,7 +4,8 @@ megatron-core assumes CUDA in a handful of places that matter for a small model:
 factory calls with ``device="cuda"`` or ``torch.cuda.current_device()``, ``Tensor.cuda()``,
 ``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks, and
 gradient clipping's check that ``Tensor.type()`` names a CUDA tensor.
-:func:`cpu_runtime` redirects exactly those to CPU for as long as it is entered.
+:func:`cpu_runtime` redirects exactly those to CPU for as long as it is entered, and gives
+megatron-core's gradient-accumulation fusion a host kernel in place of apex's CUDA one.
 
 It is entered explicitly by the launcher when no GPU is present and never on the GPU path:
 :func:`cpu_runtime` refuses to start when CUDA is available unless ``force`` is set, so a
@@ -29,6 +30,9 @@ _FACTORY_FUNCTIONS = {
 }
 
 
+_INTERCEPTED = _FACTORY_FUNCTIONS | {torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to}
+
+
 def _is_cuda(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
@@ -42,6 +46,9 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to CPU in factory calls and ``Tensor.to``/``Tensor.cuda``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Every torch call of the step passes here: the common case returns at once.
+        if func not in _INTERCEPTED:
+            return func(*args, **(kwargs or {}))
         kwargs = dict(kwargs or {})
         if func in _FACTORY_FUNCTIONS and _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
@@ -56,6 +63,22 @@ class _CudaToCpuMode(TorchFunctionMode):
                 kwargs["device"] = "cpu"
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
         return func(*args, **kwargs)
+
+
+class _HostWgradAccumulation:
+    """Stands in for apex's ``fused_weight_gradient_mlp_cuda`` (CUDA only): megatron-core's
+    gradient-accumulation fusion then adds each linear layer's weight gradient straight into
+    the DDP buffer's ``main_grad`` with one GEMM, instead of materialising ``weight.grad`` and
+    adding it in a second pass over every parameter (a few percent of a CPU step)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        if total_input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:  # BF16 activations, FP32 buffer: as the unfused path rounds it
+            main_grad.add_(grad_output.t().matmul(total_input))
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 
 
 class _NoForkTracker:
@@ -80,6 +103,7 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
             "cpu_runtime() was entered on a machine with CUDA; the GPU path must not use it "
             "(pass force=True only to test the CPU path on a GPU machine)"
         )
+    from megatron.core.tensor_parallel import layers as mcore_layers
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random.initialize_rng_tracker(force_reset=True)
@@ -90,6 +114,9 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
         stack.enter_context(
             mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker)
         )
+        stack.enter_context(mock.patch.object(mcore_layers, "_grad_accum_fusion_available", True))
+        stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", _HostWgradAccumulation,
+                                              create=True))
         stack.enter_context(_CudaToCpuMode())
         stack.enter_context(warnings.catch_warnings())
         # A CUDA-stream tuning hint megatron-core repeats for every layer; meaningless on CPU.

@@ -78,10 +78,15 @@ class TrainingConfig:
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None
     skip_nonfinite_loss: bool = False  # skip the update of a step whose loss is NaN/Inf instead of stopping
+    # resuming with another learning-rate schedule (Megatron-LM's pair of flags; default: refuse)
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
     def validate(self) -> None:
         if not self.data_path:
             raise ValueError("--data-path is required")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
         if self.context_parallel_size > 1:
             # The noise is context-parallel ready (tested), the loop is not: it would feed every
             # CP rank whole sequences. Refused rather than trained wrong.
@@ -147,6 +152,9 @@ HELP = {
     "tensorboard_dir": "write loss, validation loss, learning rate, grad norm, throughput and noise scale here",
     "wandb_project": "log the same scalars to Weights & Biases (needs wandb installed)",
     "skip_nonfinite_loss": "skip the update of a step with a NaN/Inf loss (default: stop, naming the last checkpoint)",
+    "override_opt_param_scheduler": "on resume, take this run's learning-rate schedule (--lr, --min-lr, warm-up, "
+                                    "--train-iters) over the checkpoint's (default: refuse a mismatch)",
+    "use_checkpoint_opt_param_scheduler": "on resume, keep the checkpoint's learning-rate schedule whatever the flags say",
 }
 
 

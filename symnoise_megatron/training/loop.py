@@ -22,6 +22,7 @@ from symnoise_megatron.model.builder import build_model_chunks, make_transformer
 from symnoise_megatron.model.config import preset
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import noisy_embeddings
+from symnoise_megatron.runtime.cpu import is_cpu_only
 from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, metrics
 from symnoise_megatron.training.arguments import TrainingConfig
@@ -127,7 +128,9 @@ class Trainer:
         self.train_iters = cfg.train_iters or math.ceil(cfg.train_epochs * len(self.train_indices) / cfg.global_batch_size)
 
         params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        overrides = {}
+        # Weight gradients straight into the DDP buffer: the CPU runtime provides the kernel
+        # (apex's is CUDA-only and not a dependency on GPU).
+        overrides = {"gradient_accumulation_fusion": is_cpu_only()}
         if cfg.fp8_format:
             overrides.update(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe)
             if cfg.first_last_layers_bf16:
@@ -174,11 +177,21 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup,
             lr_decay_steps=self.train_iters, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
             end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters, wd_incr_style="constant",
+            override_opt_param_scheduler=cfg.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
         )
         self.iteration = 0
         if resume:
-            self.iteration = checkpointing.load_checkpoint(
-                cfg.save, [c.module for c in self.chunks], self.optimizer, self.scheduler, self.sampler)
+            try:
+                self.iteration = checkpointing.load_checkpoint(
+                    cfg.save, [c.module for c in self.chunks], self.optimizer, self.scheduler, self.sampler)
+            except AssertionError as error:  # megatron-core's scheduler asserts on a changed schedule
+                if "OptimizerParamScheduler" not in str(error):
+                    raise
+                raise ValueError(
+                    f"--save {cfg.save}: this run's learning-rate schedule differs from the checkpoint's ({error}); "
+                    "pass --override-opt-param-scheduler to use this run's, or --use-checkpoint-opt-param-scheduler "
+                    "to keep the checkpoint's") from None
             log(f"resumed from {paths.latest_checkpoint_dir(cfg.save)} at iteration {self.iteration}")
         elif cfg.load and cfg.save:
             checkpointing.copy_hf_assets(cfg.load, cfg.save)

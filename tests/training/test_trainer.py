@@ -1,6 +1,7 @@
 """The fine-tuning loop on real gloo process groups: layouts, pairing, resume, crashes, SIGTERM."""
 
 import os
+import shutil
 
 import pytest
 
@@ -99,6 +100,45 @@ def test_concat_and_microbatch_pairing_follow_the_same_trajectory(data_prefix):
     ])[0]
     assert split == pytest.approx(concat, rel=2e-5, abs=2e-5)
     assert none != pytest.approx(concat, rel=1e-4)  # the noise really is in the step
+
+
+def grad_norm_history(runs, fused):
+    from unittest import mock
+
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training import loop
+    from symnoise_megatron.training.arguments import TrainingConfig
+
+    with mock.patch.object(loop, "is_cpu_only", lambda: fused):
+        histories = []
+        for kwargs in runs:
+            histories.append([(r["loss"], r["grad_norm"]) for r in loop.Trainer(TrainingConfig(**kwargs), log=lambda m: None).run()])
+            parallel_state.destroy_model_parallel()
+    return histories
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_weight_gradients_accumulated_in_place_match_megatrons_unfused_path(data_prefix, tmp_path, tied):
+    # The CPU runtime's stand-in for apex's fused wgrad kernel against megatron-core's own
+    # unfused path, with gradient accumulation over micro-batches and tensor parallelism. Tied
+    # embeddings take megatron's zero_out_wgrad branch (the output layer's gradient goes to the
+    # buffer, the embedding's through the hook): losing either half changes the grad norm.
+    load = BASE["load"]
+    if tied:
+        from tests.checkpoint.conftest import make_hf_model
+
+        hf_dir = make_hf_model("llama", dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                                             num_hidden_layers=2, max_position_embeddings=256,
+                                             tie_word_embeddings=True), str(tmp_path / "hf"))
+        load = str(tmp_path / "megatron")
+        run_distributed(convert, 1, hf_dir, load)
+    runs = [dict(BASE, data_path=[data_prefix], load=load, eval_interval=None, tensor_model_parallel_size=2)]
+    fused = run_distributed(grad_norm_history, 2, runs, True)[0][0]
+    unfused = run_distributed(grad_norm_history, 2, runs, False)[0][0]
+    assert len(fused) == BASE["train_iters"]
+    flat = [value for record in fused for value in record]
+    assert flat == pytest.approx([value for record in unfused for value in record], rel=1e-5, abs=1e-6)
 
 
 def test_resume_is_exact_and_works_under_another_layout(data_prefix, tmp_path):
@@ -217,6 +257,33 @@ def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
     run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
     other = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=save, load=None, finetune=False))[0]
     assert "holds a checkpoint of another model" in other
+
+
+def learning_rates(config):
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    history = Trainer(TrainingConfig(**config), log=lambda message: None).run()
+    parallel_state.destroy_model_parallel()
+    return [record["lr"] for record in history]
+
+
+def test_resuming_with_another_schedule_is_refused_unless_a_flag_says_which(data_prefix, tmp_path):
+    # Megatron-LM's rule: a resumed run whose --train-iters (so its decay) differs from the
+    # checkpoint's would otherwise continue the old schedule silently (here: at its minimum lr).
+    first = dict(BASE, data_path=[data_prefix], save=str(tmp_path / "run"), train_iters=2, eval_interval=None)
+    run_distributed(learning_rates, 1, first)
+    longer = dict(first, train_iters=4)
+    assert "--override-opt-param-scheduler" in run_distributed(build, 1, longer)[0]
+    shutil.copytree(tmp_path / "run", tmp_path / "run_copy")
+    overridden = run_distributed(learning_rates, 1, dict(longer, override_opt_param_scheduler=True))[0]
+    kept = run_distributed(learning_rates, 1, dict(longer, save=str(tmp_path / "run_copy"),
+                                                      use_checkpoint_opt_param_scheduler=True))[0]
+    assert len(overridden) == len(kept) == 2  # iterations 3 and 4
+    assert kept == [0.0, 0.0]  # the checkpoint's 2-step decay is over: its minimum
+    assert overridden[0] > 0.0  # iteration 3 of the new 4-step decay
 
 
 def nan_at_iteration_two(config):

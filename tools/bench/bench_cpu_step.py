@@ -2,7 +2,7 @@
 """A SmolLM2-135M training step on CPU: this stack under several layouts against transformers
 with NEFTune, on the same samples, in one run.
 
-  python tools/bench/bench_cpu_step.py --workdir /tmp/bench_step --steps 6
+  python tools/bench/bench_cpu_step.py --workdir /tmp/bench_step --steps 4 --warmup 1 --layouts tp1 --rounds 3
 
 Both sides take the same global batches (the trainer's seeded order over the bundled set,
 preprocessed with SmolLM2's tokenizer and ChatML), compute the same loss (response tokens)
@@ -18,6 +18,7 @@ them. The first --warmup steps are not timed. `uniform` is the like-for-like row
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +119,7 @@ def transformers_reference(args, hf_dir, prefix):
     pad = data.meta["tokenizer"]["eos_id"]
     times, tokens, losses = [], 0, []
     for step in range(args.warmup + args.steps):
+        started = time.perf_counter()  # the trainer's step builds its batch too
         samples = [data[int(train[index])] for group in sampler.next_global_batch() for _, index in group]
         samples = [(ids[: args.seq_length + 1], mask[: args.seq_length + 1]) for ids, mask in samples]
         width = max(len(ids) for ids, _ in samples) - 1
@@ -129,7 +131,6 @@ def transformers_reference(args, hf_dir, prefix):
             n = len(ids) - 1
             inputs[row, :n], attention[row, :n] = ids[:-1], 1
             labels[row, :n] = torch.where(mask[1:], ids[1:], torch.tensor(-100))
-        started = time.perf_counter()
         logits = model(input_ids=inputs, attention_mask=attention).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
@@ -144,13 +145,18 @@ def transformers_reference(args, hf_dir, prefix):
     return {"seconds": sum(times), "steps": args.steps, "tokens": tokens, "losses": losses}
 
 
-def run_layout(args, layout, noise_kind, megatron_dir, prefix):
-    tp, pp = LAYOUTS[layout]
+REFERENCE = "transformers"
+
+
+def run_row(args, layout, noise_kind, hf_dir, megatron_dir, prefix):
+    """One row in its own process (the reference too: same start, same thread count)."""
+    tp, pp = LAYOUTS.get(layout, (1, 1))
     result = os.path.join(args.workdir, f"{layout}_{noise_kind}.json")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // (tp * pp))))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp),
-               __file__, "--worker", "--layout", layout, "--noise-kind", noise_kind, "--megatron-dir", megatron_dir,
-               "--data-prefix", prefix, "--result", result] + forwarded(args)
+    launcher = [sys.executable] if layout == REFERENCE else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp)]
+    command = launcher + [__file__, "--worker", "--layout", layout, "--noise-kind", noise_kind, "--hf-dir", hf_dir,
+                          "--megatron-dir", megatron_dir, "--data-prefix", prefix, "--result", result] + forwarded(args)
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     with open(result) as handle:
         return json.load(handle)
@@ -169,12 +175,16 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--global-batch-size", type=int, default=8)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=8,
+                        help="default: the whole global batch in one pass, as the reference takes it")
     parser.add_argument("--pack-sequences", action="store_true", help="pack rows (default: one sample per row, "
                         "padded to the step's longest, as transformers pads a batch)")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per row, split over its ranks")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--noise-kinds", nargs="+", default=["uniform", "symmetric"], choices=["uniform", "symmetric"])
+    parser.add_argument("--rounds", type=int, default=3, help="every row this many times, interleaved")
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
     parser.add_argument("--noise-kind", help=argparse.SUPPRESS)
@@ -183,29 +193,37 @@ def main():
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        if args.layout == REFERENCE:
+            with open(args.result, "w") as handle:
+                json.dump(transformers_reference(args, args.hf_dir, args.data_prefix), handle)
+        else:
+            worker(args)
         return 0
     os.makedirs(args.workdir, exist_ok=True)
     hf_dir, megatron_dir, prefix = prepare(args.workdir)
-    rows = {"transformers + NEFTune (uniform 5)": transformers_reference(args, hf_dir, prefix)}
-    for layout in args.layouts:
-        for noise_kind in ("uniform", "symmetric"):
-            rows[f"symnoise-megatron {layout}, {noise_kind} 5"] = run_layout(args, layout, noise_kind, megatron_dir, prefix)
-    reference = rows["transformers + NEFTune (uniform 5)"]
-    reference_rate = reference["tokens"] / reference["seconds"]
-    print(f"SmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
+    rows = [("transformers + NEFTune (uniform 5)", REFERENCE, "uniform")] + [
+        (f"symnoise-megatron {layout}, {kind} 5", layout, kind) for layout in args.layouts for kind in args.noise_kinds]
+    runs = {name: [] for name, _, _ in rows}
+    for round_index in range(args.rounds):  # interleaved: a slow spell of the machine hits every row alike
+        for name, layout, kind in rows:
+            runs[name].append(run_row(args, layout, kind, hf_dir, megatron_dir, prefix))
+            print(f"round {round_index + 1}: {name}: {runs[name][-1]['seconds'] / args.steps:.2f} s/step", flush=True)
+    reference = runs[rows[0][0]]
+    print(f"\nSmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
           f"{args.global_batch_size}, micro-batch {args.micro_batch_size}, "
           f"{'packed' if args.pack_sequences else 'padded'} rows, {args.steps} timed steps after {args.warmup} "
-          f"warm-up, seq {args.seq_length}\n")
-    print("| run | s/step | data tokens/s | vs transformers + NEFTune |")
-    print("|---|---|---|---|")
-    for name, row in rows.items():
-        rate = row["tokens"] / row["seconds"]
-        print(f"| {name} | {row['seconds'] / row['steps']:.2f} | {rate:.0f} | {rate / reference_rate:.2f}x |")
+          f"warm-up, seq {args.seq_length}, {args.rounds} interleaved rounds (medians; ratio per round against "
+          f"the same round's reference, min-max)\n")
+    print("| run | s/step | data tokens/s | vs transformers + NEFTune | ratio range |")
+    print("|---|---|---|---|---|")
+    for name, results in runs.items():
+        ratios = [(r["tokens"] / r["seconds"]) / (ref["tokens"] / ref["seconds"]) for r, ref in zip(results, reference)]
+        print(f"| {name} | {statistics.median(r['seconds'] / r['steps'] for r in results):.2f} | "
+              f"{statistics.median(r['tokens'] / r['seconds'] for r in results):.0f} | {statistics.median(ratios):.2f}x | "
+              f"{min(ratios):.2f}-{max(ratios):.2f} |")
     with open(os.path.join(args.workdir, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=1)
+        json.dump(runs, handle, indent=1)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
