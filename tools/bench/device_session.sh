@@ -57,9 +57,9 @@ run_smoke() {
   rm -rf "$work/smoke"
   local common=(--model tiny --data-path "$work/data/bundled" --seq-length 256 --micro-batch-size 2
                 --global-batch-size 8 --lr 1e-4 --bf16 --noise-kind symmetric --noise-alpha 5 --log-interval 2
-                --save "$work/smoke" --save-interval 4)
-  torchrun --standalone --nproc-per-node 1 -m symnoise_megatron.finetune "${common[@]}" --train-iters 4 || return 1
-  torchrun --standalone --nproc-per-node 1 -m symnoise_megatron.finetune "${common[@]}" --train-iters 8
+                --save "$work/smoke" --save-interval 4 --train-iters 8)
+  torchrun --standalone --nproc-per-node 1 -m symnoise_megatron.finetune "${common[@]}" --exit-interval 4 || return 1
+  torchrun --standalone --nproc-per-node 1 -m symnoise_megatron.finetune "${common[@]}"
 }
 
 export out work
