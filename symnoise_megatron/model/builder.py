@@ -14,6 +14,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
+from symnoise_megatron.model.loss_tokens import GPTModelForSFT
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import NoisyVocabParallelEmbedding
 from symnoise_megatron.runtime.parallel import ParallelConfig
@@ -133,7 +134,8 @@ def build_gpt_model(
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
 ) -> GPTModel:
-    """One ``GPTModel`` chunk of this rank with :class:`NoisyVocabParallelEmbedding` in place.
+    """One ``GPTModel`` chunk of this rank with :class:`NoisyVocabParallelEmbedding` in place
+    (a :class:`GPTModelForSFT`, whose training loss computes logits at loss tokens only).
 
     ``pre_process``/``post_process`` default to whether this rank (and ``vp_stage``) holds
     the first/last pipeline stage. The Transformer Engine spec is used when TE and a GPU are
@@ -145,7 +147,7 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    gpt = GPTModel(
+    gpt = GPTModelForSFT(
         config=config,
         transformer_layer_spec=layer_spec(model, use_transformer_engine),
         vocab_size=padded_vocab_size(

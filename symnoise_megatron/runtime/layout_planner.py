@@ -10,7 +10,9 @@ Memory per GPU, on the busiest pipeline stage (the first: embedding plus its lay
   * h / (TP * CP)`` with full recompute; the first stage holds ``PP`` micro-batches in flight
   under 1F1B, i.e. all of the model's layers' worth. ``concat`` pairing doubles every
   micro-batch's rows; ``microbatch`` pairing does not;
-- logits: FP32 ``s * b * V / TP`` twice (logits and their gradient) on the last stage;
+- logits: FP32 ``s * b * V / TP`` twice (logits and their gradient) on the last stage, every
+  position counted (an upper bound: without sequence parallelism the model computes logits at
+  loss tokens only, whose share the planner does not know);
 - a fixed 5 GB for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Step time: model FLOPs of the step (6 x parameters + attention, per token, x 2 for the

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from symnoise_megatron.model.loss_tokens import loss_tokens_only
 from symnoise_megatron.noise.embedding import set_noise_batch
 from symnoise_megatron.training.microbatch import MicroBatch
 
@@ -29,10 +30,11 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
     """Run one micro-batch through this rank's model chunk; return output and loss function."""
     microbatch = next(data_iterator)
     set_noise_batch(model, microbatch.noise_batch())
-    output = model(
-        microbatch.tokens,
-        microbatch.position_ids,
-        microbatch.attention_mask,
-        labels=microbatch.labels,
-    )
+    with loss_tokens_only(model, microbatch.positions_with_loss()):
+        output = model(
+            microbatch.tokens,
+            microbatch.position_ids,
+            microbatch.attention_mask,
+            labels=microbatch.labels,
+        )
     return output, partial(token_loss, microbatch.loss_mask)

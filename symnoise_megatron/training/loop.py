@@ -27,6 +27,7 @@ from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, i
 from symnoise_megatron.training import checkpointing, metrics
 from symnoise_megatron.training.arguments import TrainingConfig
 from symnoise_megatron.training.forward_step import forward_step
+from symnoise_megatron.training.optimizer import build_optimizer
 from symnoise_megatron.training.microbatch import (
     MicroBatch, concatenate, microbatch_rows, microbatches_per_step, paired_microbatches,
 )
@@ -63,7 +64,7 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig, log=print):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg.validate()
@@ -165,7 +166,7 @@ class Trainer:
         self.chunks = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
-        self.optimizer = get_megatron_optimizer(
+        self.optimizer = build_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
                             bf16=cfg.bf16, params_dtype=params_dtype,

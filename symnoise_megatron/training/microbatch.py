@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -26,6 +26,16 @@ def attention_mask_from_positions(positions: torch.Tensor) -> torch.Tensor:
     return ~(same_segment & causal)[:, None]
 
 
+def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices, in megatron's [s, b] token order, of the tokens ``loss_mask`` [b, s] keeps.
+
+    A micro-batch without any loss token keeps its first position (its loss is masked out
+    downstream), so the output layer and the tensor-parallel cross entropy still run on every rank.
+    """
+    positions = loss_mask.t().reshape(-1).nonzero().squeeze(1)
+    return positions if positions.numel() else positions.new_zeros(1)
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch. Shapes are [b, s] unless stated.
@@ -39,6 +49,9 @@ class MicroBatch:
         sample_uids: [b], or [b, s] for packed rows: global consumed-sample index.
         lengths: [b], or [b, s] for packed rows: real length of each token's sample.
         sign: +1/-1, or a [b] tensor per row: the symmetric copy each row carries.
+        loss_positions: flat indices of the loss tokens in megatron's [s, b] order, taken from
+            ``loss_mask`` on the host by :meth:`to` so that the device never waits to count them;
+            None until then.
     """
 
     tokens: torch.Tensor
@@ -49,6 +62,7 @@ class MicroBatch:
     sample_uids: torch.Tensor
     lengths: torch.Tensor
     sign: Union[int, torch.Tensor] = 1
+    loss_positions: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -62,14 +76,19 @@ class MicroBatch:
         return NoiseBatch(self.sample_uids, self.position_ids, self.lengths, self.sign)
 
     def to(self, device) -> "MicroBatch":
+        on_host = self if self.loss_positions is not None else dataclasses.replace(
+            self, loss_positions=loss_positions(self.loss_mask))
         return dataclasses.replace(
-            self,
+            on_host,
             **{
-                f.name: getattr(self, f.name).to(device)
-                for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)
+                f.name: getattr(on_host, f.name).to(device)
+                for f in dataclasses.fields(on_host)
+                if isinstance(getattr(on_host, f.name), torch.Tensor)
             },
         )
+
+    def positions_with_loss(self) -> torch.Tensor:
+        return self.loss_positions if self.loss_positions is not None else loss_positions(self.loss_mask)
 
     def truncated(self, length: int) -> "MicroBatch":
         """The first ``length`` positions of every row (the attention mask cut to match)."""
@@ -78,7 +97,8 @@ class MicroBatch:
             value = getattr(self, name)
             if value.dim() == 2:
                 cut[name] = value[:, :length]
-        return dataclasses.replace(self, attention_mask=self.attention_mask[:, :, :length, :length], **cut)
+        return dataclasses.replace(self, attention_mask=self.attention_mask[:, :, :length, :length],
+                                   loss_positions=None, **cut)
 
     def doubled(self) -> "MicroBatch":
         """``concat`` pairing: ``[X + s*eps ; X - s*eps]`` with everything duplicated."""
@@ -93,7 +113,7 @@ def concatenate(microbatches: Sequence[MicroBatch]) -> MicroBatch:
     fields = {
         f.name: torch.cat([getattr(mb, f.name) for mb in microbatches])
         for f in dataclasses.fields(MicroBatch)
-        if f.name != "sign"
+        if f.name not in ("sign", "loss_positions")
     }
     signs = [
         mb.sign.to(torch.int64) if isinstance(mb.sign, torch.Tensor) else torch.full((mb.size,), mb.sign)

@@ -6,7 +6,7 @@ with NEFTune, on the same samples, in one run.
 
 Both sides take the same global batches (the trainer's seeded order over the bundled set,
 preprocessed with SmolLM2's tokenizer and ChatML), compute the same loss (response tokens)
-and take an AdamW step in fp32. This stack pads each micro-batch's rows to the step's longest
+and take a fused AdamW step in fp32. This stack pads each micro-batch's rows to the step's longest
 sample (or packs rows with --pack-sequences; megatron-core local spec on CPU, gloo);
 transformers pads each batch to its longest sample and adds NEFTune's uniform noise through
 its own hook. Throughput counts real
@@ -111,7 +111,8 @@ def transformers_reference(args, hf_dir, prefix):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
     activate_neftune(model, 5.0)  # transformers' own hook, as its Trainer installs it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    # transformers' Trainer defaults to torch's fused AdamW (optim="adamw_torch_fused") with torch >= 2.8.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
     config = training_config(args, None, prefix, "uniform")
     data = SFTIndexedData(prefix)
     train, _ = split_indices(len(data), config.split_weights, config.seed)
