@@ -76,8 +76,7 @@ class MicroBatch:
         return NoiseBatch(self.sample_uids, self.position_ids, self.lengths, self.sign)
 
     def to(self, device) -> "MicroBatch":
-        on_host = self if self.loss_positions is not None else dataclasses.replace(
-            self, loss_positions=loss_positions(self.loss_mask))
+        on_host = dataclasses.replace(self, loss_positions=self.positions_with_loss())
         return dataclasses.replace(
             on_host,
             **{

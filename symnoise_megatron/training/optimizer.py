@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 from unittest import mock
 
 import torch
@@ -26,8 +26,10 @@ def build_optimizer(optimizer_config, chunks):
     import megatron.core.optimizer as mcore_optimizer
     from megatron.core.optimizer import get_megatron_optimizer
 
-    with ExitStack() as stack:
-        if mcore_optimizer.USING_PYTORCH_OPTIMIZER and optimizer_config.optimizer == "adam":
-            stack.enter_context(mock.patch.object(mcore_optimizer, "Adam", TorchFusedAdam))
-            stack.enter_context(mock.patch.object(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False))
+    fused_adam = (
+        mock.patch.multiple(mcore_optimizer, Adam=TorchFusedAdam, USING_PYTORCH_OPTIMIZER=False)
+        if mcore_optimizer.USING_PYTORCH_OPTIMIZER and optimizer_config.optimizer == "adam"
+        else nullcontext()
+    )
+    with fused_adam:
         return get_megatron_optimizer(optimizer_config, chunks)
