@@ -353,10 +353,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         "formats": file_formats,
         "prompt_template": template.name,
         "turns": config.turns,
-        "tokenizer": {
-            "kind": tokenizer.kind, "path": os.path.abspath(config.tokenizer.path),
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-        },
+        "tokenizer": {"path": os.path.abspath(config.tokenizer.path)} | tokenizer.identity(),
         "seq_length": config.seq_length,
         "token_dtype": np.dtype(token_dtype).name,
         "rows_read": counts["rows"],
@@ -368,6 +365,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         "skipped_rows": dict(skipped),
         "skipped_examples": skipped_examples,
         "length_histogram": _length_histogram(lengths, config.seq_length),
+        # What the loader checks before training: an .idx or .bin from another run shows here.
+        "file_bytes": {os.path.basename(out[key] + suffix): os.path.getsize(temporary[key] + suffix)
+                       for key in ("tokens", "loss_mask") for suffix in (".bin", ".idx")},
         "workers": config.workers,
         "seconds": round(elapsed, 3),
         "samples_per_second": round(counts["samples"] / elapsed, 1) if elapsed else None,

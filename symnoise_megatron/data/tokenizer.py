@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+# Encoded by every tokenizer whose identity is recorded: two tokenizers that agree on these ids,
+# the vocabulary size and the special ids tokenize instruction data alike, whatever file format
+# (SentencePiece .model or tokenizer.json) carries them.
+IDENTITY_PROBE = "Below is an instruction. ### Response: Ünïcödé 12345, tabs\tand  spaces!"
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,33 @@ class Tokenizer:
         """The id of ``text`` when it is one whole token of the vocabulary, else None."""
         raise NotImplementedError
 
+    file: str
+
+    def identity(self) -> Dict[str, object]:
+        """What the data's meta records and the trainer compares with the model's tokenizer."""
+        with open(self.file, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        return {
+            "kind": self.kind, "file": os.path.basename(self.file), "sha256": digest,
+            "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+            "probe_ids": self.encode([IDENTITY_PROBE])[0],
+        }
+
+
+def identity_differences(recorded: Dict[str, object], other: Dict[str, object]) -> List[str]:
+    """The fields in which two tokenizer identities disagree, as 'field: a != b' lines.
+
+    The file hash alone decides nothing: the same tokenizer ships as ``tokenizer.model`` and
+    ``tokenizer.json``. Fields missing on either side (older meta files) are not compared."""
+    differences = []
+    for key in ("vocab_size", "bos_id", "eos_id", "probe_ids"):
+        if key in recorded and key in other and recorded[key] != other[key]:
+            differences.append(f"{key}: {recorded[key]} != {other[key]}")
+    if differences and recorded.get("sha256") and recorded.get("sha256") != other.get("sha256"):
+        differences.append(f"sha256 of {recorded.get('file')}: {str(recorded['sha256'])[:12]} != "
+                           f"{str(other.get('sha256'))[:12]} of {other.get('file')}")
+    return differences
+
 
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
@@ -63,6 +96,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str):
         import sentencepiece
 
+        self.file = model_file
         self.processor = sentencepiece.SentencePieceProcessor(model_file=model_file)
         self.vocab_size = self.processor.vocab_size()
         self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
@@ -92,7 +126,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, directory: str):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.tokenizer = RustTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        self.file = os.path.join(directory, "tokenizer.json")
+        self.tokenizer = RustTokenizer.from_file(self.file)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             path = os.path.join(directory, name)
