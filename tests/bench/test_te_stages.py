@@ -101,3 +101,13 @@ def test_device_session_skips_the_te_stages_without_a_gpu(tmp_path):
         ran = subprocess.run([sys.executable, f"tools/bench/{script}"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert ran.returncode == te_results.SKIPPED == 0 and "SKIPPED" in ran.stdout, script
+
+
+def test_rows_of_a_later_call_replace_only_the_settings_it_measured():
+    from tools.bench.te_results import merge_rows
+
+    earlier = [row(precision="bf16", noise="none", pairing="none", copies=1, step_s=1.0),
+               row(precision="fp8-delayed", step_s=5.0)]
+    latest = [row(precision="bf16", noise="none", pairing="none", copies=1, step_s=2.0)]
+    merged = merge_rows(earlier, latest)
+    assert [(r["precision"], r["step_s"]) for r in merged] == [("fp8-delayed", 5.0), ("bf16", 2.0)]

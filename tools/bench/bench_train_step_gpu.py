@@ -32,7 +32,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from te_results import PRECISIONS, SKIPPED, device_name, fp8_recipe, step_bench_row, write_json  # noqa: E402
+from te_results import (  # noqa: E402
+    PRECISIONS, SKIPPED, device_name, fp8_recipe, merge_rows, read_rows, step_bench_row, write_json,
+)
 
 # (noise, pairing); the pairing of a single copy is "none"
 SETTINGS = [("none", "none"), ("uniform", "none"), ("symmetric", "concat"), ("symmetric", "microbatch")]
@@ -110,16 +112,18 @@ def layers_that_fit(args) -> int:
     """The most layers (up to the preset's 32) whose planner estimate fits the card under the
     heaviest setting asked for (FP8 adds weight copies, concat doubles the activations)."""
     from symnoise_megatron.model.config import preset
-    from symnoise_megatron.runtime.layout_planner import PlanInputs, plan
+    from symnoise_megatron.runtime.layout_planner import GPU_MEMORY_GB, USABLE_FRACTION, PlanInputs, plan
 
     name = torch.cuda.get_device_name()
     gpu = "H200" if "H200" in name else "H100"
     fp8 = any(p != "bf16" for p in args.precisions)
     pairing = "concat" if "symmetric:concat" in args.settings else "microbatch" if "symmetric:microbatch" in args.settings else "none"
+    # 10% below the planner's own fit: an out-of-memory setting costs its whole start-up.
+    usable = USABLE_FRACTION * GPU_MEMORY_GB[gpu] / 1.1
     fitting = [layers for layers in range(1, 33)
                if plan(PlanInputs(preset("llama2-7b", num_layers=layers, vocab_size=1024), seq_length=args.seq_length,
                                   global_batch_size=args.global_batch_size, gpus=1, gpu=gpu, fp8=fp8,
-                                  distributed_optimizer=False, pairing=pairing), 1, 1, 1, 1).fits]
+                                  distributed_optimizer=False, pairing=pairing), 1, 1, 1, 1).total_gb <= usable]
     if not fitting:
         raise SystemExit(f"not even one 7B-wide layer fits a {gpu} at sequence {args.seq_length} by the planner's estimate")
     return max(fitting)
@@ -211,7 +215,8 @@ def main(argv=None):
         print(f"| {label} | {row['step_s']:.3f} | {spread[label]:.1%} | {row['tokens_per_s']:.0f} | "
               f"{row['processed_tokens_per_s']:.0f} | {ratio} | {row['tflops_per_gpu']:.0f} | {mfu} | "
               f"{row['peak_memory_gb']:.1f} | {row['planner_memory_gb']:.1f} |")
-    print("written:", ", ".join(write_json("te_step_bench.json", list(rows.values()))))
+    merged = merge_rows(read_rows("te_step_bench.json"), list(rows.values()))
+    print("written:", ", ".join(write_json("te_step_bench.json", merged)))
     if failed:
         print("FAILED settings:", "; ".join(failed))
         return 1

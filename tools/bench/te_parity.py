@@ -67,9 +67,7 @@ def model_config(args, vocab: int):
 
 
 def build(model, noise, transformer_engine: bool):
-    """One BF16 chunk on the GPU, wrapped as the trainer wraps it."""
-    from megatron.core.transformer.module import Float16Module
-
+    """One BF16 chunk on the GPU (unwrapped: the loader fills it before Float16Module wraps it)."""
     from symnoise_megatron.model import builder
     from symnoise_megatron.runtime.parallel import ParallelConfig
 

@@ -52,6 +52,24 @@ def step_bench_row(*, device: str, spec: str, precision: str, noise: str, pairin
     return row
 
 
+ROW_KEY = ("device", "spec", "precision", "noise", "pairing", "layers", "seq_length")
+
+
+def merge_rows(earlier: List[dict], latest: List[dict]) -> List[dict]:
+    """``latest`` plus the ``earlier`` rows of settings it did not measure again (one call
+    per group of precisions fits the device's time limit; the file keeps them all)."""
+    measured = {tuple(r[k] for k in ROW_KEY) for r in latest}
+    return [r for r in earlier if tuple(r.get(k) for k in ROW_KEY) not in measured] + list(latest)
+
+
+def read_rows(name: str) -> List[dict]:
+    path = os.path.join(RESULTS_DIR, name)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def check(measured: float, tolerance: float) -> dict:
     """A measured difference against its tolerance; NaN or infinity never passes."""
     measured = float(measured)
