@@ -26,6 +26,9 @@ class NoiseBatch:
         lengths: [b] or [b, s] real length of each token's sample.
         sign: +1 / -1 for the whole micro-batch (``microbatch`` pairing), or a [b] tensor
             per row (``concat`` pairing's doubled micro-batch).
+
+    The tokens may reach the embedding as these rows laid end to end, ``[1, b * s]`` (packed
+    rows on Transformer Engine's thd path); the batch keeps its ``[b, s]`` rows either way.
     """
 
     sample_uids: torch.Tensor

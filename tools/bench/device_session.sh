@@ -13,8 +13,8 @@
 #   cp ../shared/te/wheels/*.whl .te/         # Transformer Engine 2.11 cut to sm_90, ~22 MB (../shared/te/README.md)
 # The device has torch 2.11 / Python 3.12 / Triton but no megatron-core and no TE: both wheel
 # sets are installed into /tmp/site below. Budget: 15 device minutes a session, 10 a call, so two calls:
-#   run(carry=[".whl", ".te"], timeout_s=540, command="bash tools/bench/device_session.sh env te te_parity fp8_noise")
-#   run(carry=[".whl", ".te"], timeout_s=540, command="STEP_BENCH_PRECISIONS='bf16 fp8-tensorwise' bash tools/bench/device_session.sh te step_bench")
+#   run(carry=[".whl", ".te"], timeout_s=600, command="bash tools/bench/device_session.sh env te te_parity fp8_noise")
+#   run(carry=[".whl", ".te"], timeout_s=600, command="STEP_BENCH_PRECISIONS='bf16 fp8-tensorwise' bash tools/bench/device_session.sh te step_bench")
 # (the second with the other precisions, 'fp8-delayed fp8-blockwise', when time is left).
 # Results come back under $OUT: <stage>.log, te_parity.json, fp8_noise_te.json, te_step_bench.json;
 # copy the JSON to tools/bench/results/ and the figures to tools/bench/RESULTS.md. Stages:
@@ -115,7 +115,7 @@ for name in "${stages[@]}"; do
           && touch "$te_ok" ;;
     te_parity) needs_te te_parity && stage te_parity 330 python3 tools/bench/te_parity.py --workdir "$work/te_parity" ;;
     fp8_noise) needs_te fp8_noise && stage fp8_noise 90 python3 tools/bench/fp8_noise_te.py ;;
-    step_bench) needs_te step_bench && stage step_bench 500 python3 tools/bench/bench_train_step_gpu.py --workdir "$work/step" \
+    step_bench) needs_te step_bench && stage step_bench 480 python3 tools/bench/bench_train_step_gpu.py --workdir "$work/step" \
                   --num-layers "${STEP_BENCH_LAYERS:-auto}" --seq-length 2048 --global-batch-size 8 --steps 4 --warmup 2 \
                   --rounds 1 --precisions ${STEP_BENCH_PRECISIONS:-bf16 fp8-delayed fp8-tensorwise fp8-blockwise} ;;
     *) echo "unknown stage $name"; exit 2 ;;
