@@ -71,12 +71,16 @@ def make_transformer_config(
         # The loss is averaged over the loss tokens of the whole global batch.
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=on_gpu and not llama,
+        # megatron-core fuses only gelu and swiglu (LLaMA's SiLU GLU, bias or none); OPT's ReLU
+        # with the flag set is refused by TransformerConfig.
+        bias_activation_fusion=on_gpu and llama,
         bias_dropout_fusion=on_gpu,
         # The local spec's fused softmax needs Megatron-LM's compiled kernels (not in the wheel);
         # without them megatron-core would import them anyway on the first attention.
         masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
-        apply_rope_fusion=False,
+        # TE's fused rope kernel; megatron-core's unfused rope on packed (thd) rows syncs the
+        # host twice per layer (it splits the tokens by the cumulative lengths in Python).
+        apply_rope_fusion=transformer_engine_available(),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # gloo matches a pair of ranks' messages in posting order; batched p2p posts them in
@@ -162,6 +166,9 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     _apply_rope_scaling(gpt, model)
+    # TE's fused attention ignores the dense block-diagonal mask: the forward step hands packed
+    # rows to this chunk as cumulative lengths (thd) instead.
+    gpt.packed_rows_in_thd = use_transformer_engine
     if pre_process:
         gpt.embedding.word_embeddings = NoisyVocabParallelEmbedding.replacing(
             gpt.embedding.word_embeddings, noise, config

@@ -26,6 +26,9 @@ class NoiseBatch:
         lengths: [b] or [b, s] real length of each token's sample.
         sign: +1 / -1 for the whole micro-batch (``microbatch`` pairing), or a [b] tensor
             per row (``concat`` pairing's doubled micro-batch).
+
+    The tokens may reach the embedding as these rows laid end to end, ``[1, b * s]`` (packed
+    rows on Transformer Engine's thd path); the batch keeps its ``[b, s]`` rows either way.
     """
 
     sample_uids: torch.Tensor
@@ -90,33 +93,56 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
                 "NoisyVocabParallelEmbedding in training mode got no NoiseBatch: call "
                 "set_noise_batch(model, batch) in the forward step before the model"
             )
-        if batch.positions.shape != input_.shape:
+        # Packed rows on Transformer Engine's thd path come laid end to end ([1, b * s]) while
+        # the batch keeps its rows ([b, s]): the same tokens in the same (row-major) order.
+        end_to_end = batch.positions.shape != input_.shape
+        if end_to_end and not (input_.dim() == 2 and input_.shape[0] == 1 and input_.numel() == batch.positions.numel()):
             raise ValueError(
                 f"NoiseBatch positions {tuple(batch.positions.shape)} do not match the "
                 f"input tokens {tuple(input_.shape)}"
             )
-        positions, uids, lengths = batch.positions, batch.sample_uids, batch.lengths
-        if self.reduce_scatter_embeddings:
-            # Output is this rank's sequence slice, [s/tp, b, h].
-            local = output.shape[0]
-            rank = self.tp_group.rank()
-            window = slice(rank * local, (rank + 1) * local)
-            positions = positions[:, window]
-            uids = uids[:, window] if uids.dim() == 2 else uids
-            lengths = lengths[:, window] if lengths.dim() == 2 else lengths
         # Kept on the device: a float() here would sync the host on every micro-batch.
         self._last_noise_scale = noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
-        # Under sequence parallelism the output is [s/tp, b, h]; the noise is indexed [b, s, h].
-        rows_first = output.transpose(0, 1) if self.reduce_scatter_embeddings else output
+        rows_first, positions, uids, lengths, sign = self._noised_view(output, batch, end_to_end)
         if self.use_fused_noise and fused_noise_usable(rows_first):
-            noised = add_noise_fused(rows_first, self.noise_config, uids, positions, lengths, batch.sign, self.embedding_dim)
+            noised = add_noise_fused(rows_first, self.noise_config, uids, positions, lengths, sign, self.embedding_dim)
         else:
             noise = embedding_noise(
                 self.noise_config, uids, positions, lengths, self.embedding_dim,
-                sign=batch.sign, dtype=output.dtype,
+                sign=sign, dtype=output.dtype,
             )
             noised = rows_first + noise.to(output.device)
+        if end_to_end:
+            return noised.reshape(output.shape)
         return noised.transpose(0, 1) if self.reduce_scatter_embeddings else noised
+
+    def _noised_view(self, output: torch.Tensor, batch: NoiseBatch, end_to_end: bool):
+        """The output as [rows, tokens, h] with the batch fields of exactly those tokens."""
+        positions, uids, lengths, sign = batch.positions, batch.sample_uids, batch.lengths, batch.sign
+        rows, seq = positions.shape
+        if not self.reduce_scatter_embeddings:
+            return (output.view(rows, seq, -1) if end_to_end else output), positions, uids, lengths, sign
+        # Under sequence parallelism the output is this rank's slice of the sequence: [s/tp, b, h],
+        # or of the rows laid end to end, [b * s / tp, 1, h].
+        local = output.shape[0]
+        start = self.tp_group.rank() * local
+        if not end_to_end:
+            window = (slice(None), slice(start, start + local))
+            rows_first = output.transpose(0, 1)
+        elif local % seq == 0:  # whole rows
+            window = (slice(start // seq, (start + local) // seq), slice(None))
+            rows_first = output.view(local // seq, seq, -1)
+            sign = sign[window[0]] if isinstance(sign, torch.Tensor) else sign
+        elif seq % local == 0:  # part of one row
+            row = start // seq
+            window = (slice(row, row + 1), slice(start % seq, start % seq + local))
+            rows_first = output.view(1, local, -1)
+            sign = sign[window[0]] if isinstance(sign, torch.Tensor) else sign
+        else:
+            raise ValueError(f"a sequence-parallel slice of {local} tokens neither holds whole rows of {seq} "
+                             "nor lies within one: choose the micro-batch size or tensor-parallel size so that it does")
+        pick = lambda value: value[window] if value.dim() == 2 else value[window[0]]  # noqa: E731
+        return rows_first, pick(positions), pick(uids), pick(lengths), sign
 
 
 def noisy_embeddings(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]):

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from symnoise_megatron.model.loss_tokens import loss_tokens_only
+from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
 from symnoise_megatron.noise.embedding import set_noise_batch
 from symnoise_megatron.training.microbatch import MicroBatch
 
@@ -26,10 +27,43 @@ def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def packs_in_thd(model, microbatch: MicroBatch) -> bool:
+    """Packed rows (per-token lengths) through a chunk built with the Transformer Engine spec,
+    whose attention separates samples by cumulative lengths instead of the dense mask."""
+    return microbatch.lengths.dim() == 2 and any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
+
+
+def _check_thd_input(model, rows: int, seq: int) -> None:
+    """A later pipeline stage must receive the rows laid end to end ([b * s, 1, h]); the
+    schedule shapes its buffers from the ``seq_length`` and ``micro_batch_size`` it was given."""
+    for module in model.modules():
+        received = getattr(getattr(module, "decoder", None), "input_tensor", None)
+        if received is not None and received.shape[1] != 1:
+            raise ValueError(
+                f"packed rows on the Transformer Engine spec travel between pipeline stages as [b * s, 1, h]; this stage "
+                f"received {tuple(received.shape)}: run the schedule with seq_length={rows * seq}, micro_batch_size=1")
+
+
 def forward_step(data_iterator: Iterator[MicroBatch], model):
     """Run one micro-batch through this rank's model chunk; return output and loss function."""
     microbatch = next(data_iterator)
     set_noise_batch(model, microbatch.noise_batch())
+    if packs_in_thd(model, microbatch):
+        # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
+        # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
+        rows, seq = microbatch.tokens.shape
+        _check_thd_input(model, rows, seq)
+        flat = lambda t: t.reshape(1, rows * seq)  # noqa: E731
+        with loss_tokens_only(model, thd_loss_positions(microbatch.positions_with_loss(), rows, seq)):
+            output = model(
+                flat(microbatch.tokens),
+                flat(microbatch.position_ids),
+                None,
+                labels=flat(microbatch.labels),
+                packed_seq_params=packed_seq_params(microbatch.position_ids, microbatch.lengths),
+            )
+        # The per-token losses come back [1, b * s]: row-major, as the loss mask flattens.
+        return output, partial(token_loss, microbatch.loss_mask)
     with loss_tokens_only(model, microbatch.positions_with_loss()):
         output = model(
             microbatch.tokens,

@@ -24,6 +24,7 @@ LAYOUTS = {
     "tp4_dp1_mbs4": (4, 1, False, 4),
     "tp2_sp_dp2_mbs2": (2, 1, True, 2),
     "tp4_sp_dp1_mbs4": (4, 1, True, 4),
+    "tp4_sp_dp1_mbs2": (4, 1, True, 2),
     "tp1_cp2_dp2_mbs2": (1, 2, False, 2),
     "tp2_cp2_dp1_mbs4": (2, 2, False, 4),
 }
@@ -47,7 +48,7 @@ def embed_under_layouts():
 
     model = ModelConfig(hidden_size=HIDDEN, num_attention_heads=4, vocab_size=VOCAB)
     tokens, positions, lengths, uids = global_batch()
-    records = {}
+    records, end_to_end_errors = {}, {}
     for name, (tp, cp, sp, mbs) in LAYOUTS.items():
         parallel = ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp)
         initialize_distributed(parallel)
@@ -78,12 +79,35 @@ def embed_under_layouts():
                 rank = parallel_state.get_tensor_model_parallel_rank()
                 held_positions = local_positions[:, rank * local:(rank + 1) * local]
             assert torch.equal(evaluated, reference), "eval mode must equal the plain embedding"
+            if cp == 1:
+                end_to_end_errors.setdefault(name, []).append(
+                    end_to_end_error(noisy, plain, local_tokens, uids[batch], local_positions, lengths[batch]))
             for row, uid in enumerate(uids[batch].tolist()):
                 for col, pos in enumerate(held_positions[row].tolist()):
                     rows[(uid, pos)] = (trained[row, col].clone(), reference[row, col].clone())
         records[name] = rows
         parallel_state.destroy_model_parallel()
+    records["end_to_end_errors"] = end_to_end_errors
     return records
+
+
+def end_to_end_error(noisy, plain, tokens, uids, positions, lengths):
+    """Packed rows on TE's thd path reach the embedding laid end to end ([1, b * s]) while the
+    noise batch keeps its rows: the largest difference from the pure noise of those tokens
+    (under SP: of this rank's slice of them), with the symmetric copies' signs per row."""
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.noise.embedding import NoiseBatch, set_noise_batch
+
+    rows, seq = tokens.shape
+    signs = torch.tensor([1, -1] * rows)[:rows]
+    set_noise_batch(noisy, NoiseBatch(uids, positions, lengths, signs))
+    noisy.train()
+    flat_tokens = tokens.reshape(1, rows * seq)
+    noised, clean = noisy(flat_tokens).reshape(-1, HIDDEN), plain(flat_tokens).reshape(-1, HIDDEN)
+    start = parallel_state.get_tensor_model_parallel_rank() * noised.shape[0] if noisy.reduce_scatter_embeddings else 0
+    expected = embedding_noise(NOISE, uids, positions, lengths, HIDDEN, sign=signs).reshape(rows * seq, HIDDEN)
+    return float((noised - clean - expected[start:start + noised.shape[0]]).abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +122,15 @@ def merged(per_rank_records, layout):
         for key, value in rank_records[layout].items():
             out.setdefault(key, []).append(value)
     return out
+
+
+def test_rows_laid_end_to_end_get_the_noise_of_their_rows(per_rank_records):
+    layouts = [name for name, (_, cp, _, _) in LAYOUTS.items() if cp == 1]
+    for rank_records in per_rank_records:
+        errors = rank_records["end_to_end_errors"]
+        assert sorted(errors) == sorted(layouts)
+        for layout in layouts:
+            assert max(errors[layout]) < 1e-6, layout
 
 
 def test_every_layout_covers_every_token(per_rank_records):
