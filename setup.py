@@ -14,8 +14,9 @@ setup(
     package_data={"symnoise_megatron.data": ["bundled/*.json", "bundled/*.model", "bundled/*.md"]},
     install_requires=[
         "torch>=2.4",
-        # 0.16.1 is what CI tests (the last release for Python 3.11); newer ones are not capped.
-        "megatron-core>=0.16.1",
+        # Only what was run: 0.16.1 in CI (the last release for Python 3.11) and on the GPU machine
+        # (Python 3.12). Widen after a newer one passes there (0.19 deprecates GPTModel).
+        "megatron-core>=0.16.1,<0.17",
         "numpy",
         "sentencepiece",
         "datasets",
@@ -29,7 +30,8 @@ setup(
         "test": ["pytest", "transformers>=4.45", "tokenizers", "tensorboard", "matplotlib"],
         "eval": ["transformers>=4.45", "matplotlib"],
         "tensorboard": ["tensorboard"],
-        "te": ["transformer-engine[pytorch]>=2.9"],
+        # The range megatron-core 0.16.1 itself declares for Transformer Engine.
+        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # Reading GGUF checkpoints (tools/materialize_model.py); the model package itself is
         # installed with --no-deps (requirements-nodeps.txt).
         "gguf": ["transformers>=4.45", "gguf", "accelerate"],
