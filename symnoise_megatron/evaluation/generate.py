@@ -78,10 +78,9 @@ class _Engine:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    def _text(self, new_ids: List[int]) -> str:
-        if self.tokenizer.eos_id in new_ids:
-            new_ids = new_ids[:new_ids.index(self.tokenizer.eos_id)]
-        return self.tokenizer.decode(new_ids).strip()
+    def _until_eos(self, new_ids: List[int]) -> List[int]:
+        eos = self.tokenizer.eos_id
+        return new_ids[:new_ids.index(eos)] if eos in new_ids else new_ids
 
     def identity(self, decoding: Decoding) -> Dict:
         return generator_identity(self.source, self.template.name, self.seed, decoding)
@@ -119,16 +118,20 @@ class Generator(_Engine):
         flips a near-tie; sampled ones depend on the batch (the seed is set once per batch)."""
         contexts = contexts or [""] * len(instructions)
         ids = [self.prompt_ids(instruction, context) for instruction, context in zip(instructions, contexts)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        answers: List[Optional[str]] = [None] * len(ids)
+        decoding = Decoding(max_new_tokens, temperature, top_p, repetition_penalty)
+        return [self.tokenizer.decode(new).strip() for new in self.answer_ids(ids, decoding, batch_size)]
+
+    def answer_ids(self, prompts: List[List[int]], decoding: Decoding, batch_size: int = 1) -> List[List[int]]:
+        """The new token ids for each prompt (up to its first EOS), in the order given."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: List[List[int]] = [[] for _ in prompts]
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            texts = self._batch([ids[i] for i in chunk], Decoding(max_new_tokens, temperature, top_p, repetition_penalty))
-            for i, text in zip(chunk, texts):
-                answers[i] = text
+            for i, new in zip(chunk, self._batch([prompts[i] for i in chunk], decoding)):
+                answers[i] = new
         return answers
 
-    def _batch(self, batch: List[List[int]], decoding: Decoding) -> List[str]:
+    def _batch(self, batch: List[List[int]], decoding: Decoding) -> List[List[int]]:
         # Left padding keeps each prompt's last token at the end, where generation continues;
         # the attention mask hides the pads, and transformers derives positions from it and
         # leaves the pads out of the repetition penalty.
@@ -145,7 +148,7 @@ class Generator(_Engine):
                 top_p=None if decoding.greedy else decoding.top_p, top_k=None,
                 repetition_penalty=decoding.repetition_penalty, eos_token_id=self.tokenizer.eos_id, pad_token_id=pad,
             )
-        return [self._text(row[width:].tolist()) for row in output]
+        return [self._until_eos(row[width:].tolist()) for row in output]
 
 
 class VLLMGenerator(_Engine):
@@ -177,7 +180,7 @@ class VLLMGenerator(_Engine):
         )
         prompts = [{"prompt_token_ids": self.prompt_ids(i, c)} for i, c in zip(instructions, contexts)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._text(list(output.outputs[0].token_ids)) for output in outputs]
+        return [self.tokenizer.decode(self._until_eos(list(output.outputs[0].token_ids))).strip() for output in outputs]
 
 
 def resolve_engine(engine: str) -> str:
