@@ -3,7 +3,7 @@
 answers are the same token for token.
 
   nice -n 10 python tools/bench/bench_generate.py --prompts ../shared/data/alpaca_eval_text_davinci_003.json \\
-      --count 32 --max-new-tokens 64 --batch-sizes 1 8 --json tools/bench/bench_generate.json
+      --count 32 --max-new-tokens 64 --batch-sizes 1 8 --threads 1 --json tools/bench/bench_generate.json
 
 SmolLM2-135M-Instruct (tools/materialize_model.py's directory unless --hf-dir), the ChatML
 template, greedy, the first --count AlpacaEval prompts, through the same code path as
@@ -60,8 +60,12 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--template", default="chatml")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a loaded shared machine two spinning threads were 7x "
+                             "slower per token than one)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     hf_dir = args.hf_dir
     if not hf_dir:
         from symnoise_megatron.checkpoint.gguf import materialize
