@@ -7,7 +7,9 @@
 # text-davinci-003 answers, of which HELD_OUT rows are set aside (seeded). The validation loss
 # (no noise) is measured on the held-out rows, and PROMPTS held-out prompts are answered greedily;
 # tools/compare_runs.py tabulates mean and spread over seeds and says which differences exceed
-# the seeds' spread. Results: runs/ablation_smollm2/results/ (table.md, loss.png, responses.png).
+# the seeds' spread, and gives rep-2 and log-diversity under both definitions of
+# tools/text_metrics.py (paper, as the published Table 4 computed them; standard, corrected).
+# Results: runs/ablation_smollm2/results/ (table.md, loss.png, responses.png).
 #
 #   bash examples/ablation_smollm2.sh                   # the committed run (examples/results/ablation_smollm2/)
 #   ITERS=4 SEEDS="1" PROMPTS=2 bash examples/ablation_smollm2.sh   # a quick check of the machinery

@@ -7,7 +7,10 @@
 Each --run is NAME=TRAINING_LOG[:OUTPUTS_JSON]; the log is the fine-tune's console output
 (Megatron-LM's line format), the outputs AlpacaEval's model-outputs JSON of that run.
 Writes loss.png (training and validation loss), responses.png (length distribution,
-rep-2, log-diversity) and table.md.
+rep-2, log-diversity) and table.md. The table gives rep-2 and log-diversity of the first K
+words under both definitions of tools/text_metrics.py: "paper" (the published tables' code,
+bugs included, comparable with NEFTune's and SymNoise's Table 4) and "standard" (corrected);
+the plots show the paper's.
 """
 
 import argparse
@@ -15,7 +18,7 @@ import os
 import sys
 
 from symnoise_megatron.cli import exits_on_user_error
-from symnoise_megatron.evaluation.metrics import WORDS_PER_DATASET, read_outputs
+from symnoise_megatron.evaluation.metrics import DEFINITIONS, WORDS_PER_DATASET, check_words, read_outputs
 from symnoise_megatron.evaluation.runs import plot_runs, read_log, summary_table
 
 
@@ -27,7 +30,9 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=list(WORDS_PER_DATASET), default="alpaca")
     parser.add_argument("--words", type=int, help="K words per response prefix (default: per --dataset)")
     args = parser.parse_args(argv)
-    words = args.words or WORDS_PER_DATASET[args.dataset]
+    words = args.words if args.words is not None else WORDS_PER_DATASET[args.dataset]
+    for definition in DEFINITIONS:
+        check_words(words, definition)
     runs = []
     for spec in args.run:
         name, _, paths = spec.partition("=")

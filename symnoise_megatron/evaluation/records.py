@@ -8,14 +8,49 @@ import random
 from typing import List, Tuple
 
 
-def read_records(path: str, field: str) -> List[dict]:
-    """The objects of ``path``, each required to have a string ``field`` (named by row if not)."""
+def _parse(path: str, text: str) -> list:
+    """The file's rows; a parse error names the file and where in it the JSON breaks."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not JSON ({error.msg}); expected a JSON array of objects "
+                             "(AlpacaEval's format) or one JSON object per line") from None
+    return rows
+
+
+def read_records(path: str, field: str, allow_empty: bool = False) -> List[dict]:
+    """The objects of ``path``, each required to have a string ``field``; an offending row is
+    named with what is wrong (no such key, a null value, another type). A file without rows is
+    an error unless ``allow_empty``."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    bad = [number for number, row in enumerate(rows, start=1) if not isinstance(row, dict) or not isinstance(row.get(field), str)]
-    if bad:
-        raise ValueError(f"{path}: rows {bad[:5]} have no string {field!r}")
+    rows = _parse(path, text)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got a JSON {type(rows).__name__}")
+    if not rows and not allow_empty:
+        raise ValueError(f"{path}: the file has no rows" + (" (it is empty)" if not text.strip() else ""))
+    problems = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            problems.append(f"row {number} is a JSON {type(row).__name__}, not an object")
+        elif field not in row:
+            problems.append(f"row {number} has no {field!r} key")
+        elif row[field] is None:
+            problems.append(f"row {number} has {field!r}: null")
+        elif not isinstance(row[field], str):
+            problems.append(f"row {number} has a {type(row[field]).__name__} {field!r}, not a string")
+    if problems:
+        more = f" (and {len(problems) - 3} more rows)" if len(problems) > 3 else ""
+        raise ValueError(f"{path}: " + "; ".join(problems[:3]) + more)
     return rows
 
 
@@ -27,9 +62,14 @@ def split_records(rows: List[dict], held_out: int, seed: int) -> Tuple[List[dict
     return ([row for i, row in enumerate(rows) if i not in chosen], [row for i, row in enumerate(rows) if i in chosen])
 
 
-def write_records(rows: List[dict], path: str) -> None:
-    """A JSON array, written atomically."""
+def write_json(value, path: str) -> None:
+    """JSON, written atomically (a reader never sees half a file)."""
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(rows, handle, indent=1, ensure_ascii=False)
+        json.dump(value, handle, indent=1, ensure_ascii=False)
     os.replace(temporary, path)
+
+
+def write_records(rows: List[dict], path: str) -> None:
+    """A JSON array, written atomically."""
+    write_json(rows, path)

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from symnoise_megatron.evaluation.metrics import response_metrics
+from symnoise_megatron.evaluation.metrics import DEFINITIONS, response_metrics
 
 _TRAIN = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.eE+-]+|nan|inf) \|")
 _VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.eE+-]+|nan|inf) \|")
@@ -85,32 +85,39 @@ class SettingSummary:
     final_validation: Optional[Spread]
     best_validation: Optional[Spread]
     avg_words: Optional[Spread]
-    rep_2: Optional[Spread]
-    log_diversity: Optional[Spread]
+    rep_2: Dict[str, Optional[Spread]]  # by definition: "paper", "standard"
+    log_diversity: Dict[str, Optional[Spread]]
 
 
 def summarize(runs: List[Run], words: int) -> SettingSummary:
-    metrics = [response_metrics(run.outputs, words, run.name) for run in runs if run.outputs]
+    metrics = {definition: [response_metrics(run.outputs, words, run.name, definition) for run in runs if run.outputs]
+               for definition in DEFINITIONS}
     return SettingSummary(
         name=runs[0].name, seeds=len(runs),
         train_loss=Spread.of(run.train[max(run.train)] for run in runs),
         final_validation=Spread.of(run.validation[max(run.validation)] if run.validation else None for run in runs),
         best_validation=Spread.of(min(run.validation.values()) if run.validation else None for run in runs),
-        avg_words=Spread.of(m.avg_words for m in metrics), rep_2=Spread.of(m.rep_2 for m in metrics),
-        log_diversity=Spread.of(m.log_diversity for m in metrics),
+        avg_words=Spread.of(m.avg_words for m in metrics["paper"]),
+        rep_2={d: Spread.of(m.rep_2 for m in metrics[d]) for d in DEFINITIONS},
+        log_diversity={d: Spread.of(m.log_diversity for m in metrics[d]) for d in DEFINITIONS},
     )
 
 
 def summary_table(runs: List[Run], words: int) -> str:
+    """One row per setting; rep-2 and log-diversity under both definitions (paper first: the
+    published tables' procedure; see evaluation/metrics.py), each the mean over seeds of the
+    per-seed means over responses."""
     summaries = [summarize(group, words) for group in group_runs(runs).values()]
     baseline = summaries[0]
     header = ["setting", "seeds", "final train loss", "final validation loss", "best validation loss",
-              f"validation vs {baseline.name}", "avg words", "rep-2 (%)", "log-diversity"]
+              f"validation vs {baseline.name}", "avg words"]
+    header += [f"{metric} ({definition})" for definition in DEFINITIONS for metric in ("rep-2 %", "log-diversity")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for summary in summaries:
         versus = "-" if summary is baseline else difference_verdict(summary.final_validation, baseline.final_validation)
         cells = [summary.name, str(summary.seeds), summary.train_loss, summary.final_validation, summary.best_validation,
-                 versus, summary.avg_words, summary.rep_2, summary.log_diversity]
+                 versus, summary.avg_words]
+        cells += [value for d in DEFINITIONS for value in (summary.rep_2[d], summary.log_diversity[d])]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -167,9 +174,9 @@ def plot_runs(runs: List[Run], output_dir: str, words: int) -> List[str]:
         length_axis.legend(fontsize=8)
         summaries = [summarize(group, words) for group in with_outputs.values()]
         positions = list(range(len(summaries)))
-        for axis, field_name, title in ((rep_axis, "rep_2", f"rep-2 (%) of the first {words} words"),
-                                        (diversity_axis, "log_diversity", "log-diversity")):
-            spreads = [getattr(s, field_name) for s in summaries]
+        for axis, field_name, title in ((rep_axis, "rep_2", f"rep-2 (%) of the first {words} words (paper)"),
+                                        (diversity_axis, "log_diversity", "log-diversity (paper)")):
+            spreads = [getattr(s, field_name)["paper"] for s in summaries]
             axis.bar(positions, [sp.mean if sp else 0 for sp in spreads],
                      yerr=[sp.sd if sp else 0 for sp in spreads], capsize=3)
             axis.set_xticks(positions, [s.name for s in summaries], rotation=30, ha="right", fontsize=8)

@@ -31,11 +31,16 @@ def test_table_and_plots(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out"), "--words", "6"]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| none | 1 | 2 | 2.4 | 2.4 | - | - |" in table
-    assert "| symnoise | 1 | 2.1 | 2.2 | 2.2 | -0.2 (one seed: no spread) | 6 | 60 |" in table
+    assert table.splitlines()[0].endswith("| avg words | rep-2 % (paper) | log-diversity (paper) "
+                                          "| rep-2 % (standard) | log-diversity (standard) |")
+    # "a b a b a b", K = 6 (tests/evaluation/test_metrics.py works these out): paper rep-2 2/4,
+    # log-diversity ln(300 / 2.495); standard rep-2 3/5, log-diversity ln(15 / 13).
+    assert "| symnoise | 1 | 2.1 | 2.2 | 2.2 | -0.2 (one seed: no spread) | 6 | 50 | 4.789 | 60 | 0.1431 |" in table
     for png in ("loss.png", "responses.png"):
         with open(tmp_path / "out" / png, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(["--run", "broken", "--output-dir", str(tmp_path / "x")]) == 2
+    assert main(["--run", f"none={tmp_path / 'none.log'}", "--output-dir", str(tmp_path / "x"), "--words", "4"]) == 2
 
 
 def test_seeds_of_a_setting_give_mean_spread_and_a_seed_noise_verdict(tmp_path):

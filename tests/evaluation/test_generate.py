@@ -41,6 +41,10 @@ def test_megatron_checkpoint_and_hf_twin_give_the_same_greedy_answers(checkpoint
     assert all(r["output"] for r in from_hf)
     assert list(from_hf[0]) == ["instruction", "output", "generator", "dataset"]
     assert from_hf[1]["dataset"] == "toy" and from_megatron[0]["generator"] == "megatron"
+    # The generator's identity is kept beside the answers: the megatron directory and its iteration.
+    meta = json.load(open(tmp_path / "mg.json.meta"))["generator"]
+    assert meta["model"] == megatron_dir and meta["checkpoint_iteration"] == "release"
+    assert meta["max_new_tokens"] == 12 and meta["decoding"] == "greedy" and meta["repetition_penalty"] == 1.0
 
 
 def test_resuming_skips_what_is_done_and_appends_the_rest(checkpoints, tmp_path):
@@ -63,7 +67,7 @@ def test_resuming_skips_what_is_done_and_appends_the_rest(checkpoints, tmp_path)
     other[0]["instruction"] = "something else"
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="does not answer"):
-        generate_file(generator, str(tmp_path / "other.json"), output, "m", progress=False)
+        generate_file(generator, str(tmp_path / "other.json"), output, "m", max_new_tokens=8, progress=False)
 
 
 def test_generation_is_in_eval_mode_and_deterministic(checkpoints):
@@ -94,3 +98,106 @@ def test_split_records_is_seeded_disjoint_and_complete(tmp_path):
     assert train == [r for r in rows if r in train]  # input order kept
     assert main(["--input", str(tmp_path / "all.json"), "--held-out", "50", "--train-output", str(tmp_path / "t"),
                  "--held-out-output", str(tmp_path / "h")]) == 2
+
+
+MORE_PROMPTS = PROMPTS + [{"instruction": "Write a long and detailed story about a dragon who learns to fly over the sea."},
+                          {"instruction": "Why?"}]
+
+
+def test_batched_greedy_answers_equal_batch_one_and_come_back_in_prompt_order(checkpoints, tmp_path):
+    from symnoise_megatron.evaluation.generate import Generator, generate_file
+
+    hf_dir, _, _ = checkpoints
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(MORE_PROMPTS))
+    generator = Generator(hf_dir)
+    lengths = [len(generator.prompt_ids(p["instruction"], p.get("input", ""))) for p in MORE_PROMPTS]
+    assert sorted(range(5), key=lengths.__getitem__) != list(range(5))  # the batches do reorder the prompts
+    settings = dict(max_new_tokens=10, repetition_penalty=1.2, progress=False)
+    one = generate_file(generator, str(prompts), str(tmp_path / "b1.json"), "m", batch_size=1, **settings)
+    batched = generate_file(generator, str(prompts), str(tmp_path / "b3.json"), "m", batch_size=3, **settings)
+    assert [r["instruction"] for r in batched] == [p["instruction"] for p in MORE_PROMPTS]
+    assert batched == one and all(r["output"] for r in one)
+    # The penalty is part of the answers: without it, they differ.
+    plain = generate_file(generator, str(prompts), str(tmp_path / "plain.json"), "m", batch_size=3, max_new_tokens=10,
+                          progress=False)
+    assert [r["output"] for r in plain] != [r["output"] for r in one]
+
+
+def test_an_interrupted_batched_run_keeps_a_prefix_and_resumes(checkpoints, tmp_path):
+    from symnoise_megatron.evaluation.generate import Generator, generate_file
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(MORE_PROMPTS))
+    generator = Generator(checkpoints[0])
+    full = generate_file(generator, str(prompts), str(tmp_path / "full.json"), "m", 8, batch_size=2, progress=False)
+    original, calls = generator.answer, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    generator.answer = failing
+    output = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        generate_file(generator, str(prompts), str(output), "m", 8, batch_size=2, progress=False)
+    # Batches of the shortest prompts first ("Why?" is the last prompt and the shortest): what
+    # is on disk is the answered prefix in prompt order, nothing after a gap.
+    kept = json.loads(output.read_text()) if output.exists() else []
+    assert kept == full[:len(kept)]
+    generator.answer = original
+    assert generate_file(generator, str(prompts), str(output), "m", 8, batch_size=2, progress=False) == full
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(max_new_tokens=5), "max_new_tokens"),
+    (dict(repetition_penalty=1.2), "repetition_penalty"),
+    (dict(temperature=0.7), "decoding"),
+    (dict(template="chatml"), "template"),
+    (dict(source={"model": "/elsewhere/model"}), "model"),
+])
+def test_resuming_with_another_generator_is_refused_naming_the_field(checkpoints, tmp_path, change, field):
+    from symnoise_megatron.evaluation.generate import Generator, generate_file
+
+    hf_dir, _, prompts = checkpoints
+    output = str(tmp_path / "out.json")
+    generate_file(Generator(hf_dir), prompts, output, "m", max_new_tokens=8, limit=1, progress=False)
+    change = dict(change)
+    generator = Generator(hf_dir, change.pop("template", "alpaca"), source=change.pop("source", None))
+    settings = {"max_new_tokens": 8, "progress": False, **change}
+    with pytest.raises(ValueError, match=f"another generator \\(.*{field}: "):
+        generate_file(generator, prompts, output, "m", **settings)
+    assert len(json.load(open(output))) == 1  # nothing added
+
+
+def test_a_checkpoint_that_moved_on_or_an_unrecorded_file_is_refused(checkpoints, tmp_path):
+    from symnoise_megatron.evaluation.generate import Generator, generate_file
+
+    hf_dir, _, prompts = checkpoints
+    output = str(tmp_path / "out.json")
+    at = lambda iteration: Generator(hf_dir, source={"model": "/runs/x", "checkpoint_iteration": iteration})  # noqa: E731
+    generate_file(at(4), prompts, output, "m", max_new_tokens=8, limit=1, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_iteration: 4 then, 8 now"):
+        generate_file(at(8), prompts, output, "m", max_new_tokens=8, progress=False)
+    assert len(generate_file(at(4), prompts, output, "m", max_new_tokens=8, progress=False)) == 3
+    (tmp_path / "out.json.meta").unlink()
+    with pytest.raises(ValueError, match="generator of its 3 answers is unknown"):
+        generate_file(at(4), prompts, output, "m", max_new_tokens=8, progress=False)
+
+
+def test_bad_settings_and_outputs_are_one_line_errors(checkpoints, tmp_path, capsys):
+    from tools.generate import main
+
+    hf_dir, _, prompts = checkpoints
+    common = ["--hf-dir", hf_dir, "--prompts", prompts, "--no-progress"]
+    for flags, message in ((["--batch-size", "0"], "--batch-size"), (["--repetition-penalty", "0"], "--repetition-penalty"),
+                           (["--top-p", "1.5"], "--top-p"), (["--engine", "vllm"], "vllm package is not installed")):
+        assert main(common + ["--output", str(tmp_path / "x.json")] + flags) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('[{"instruction": "What is the capital of France?", "output": "Paris"')
+    assert main(common + ["--output", str(tmp_path / "broken.json")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json: not valid JSON (line 1" in err and err.count("\n") == 1
+    assert not (tmp_path / "broken.json.meta").exists()
