@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -158,27 +159,33 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_spans(self, texts):
         if self._piece_bytes is None:
             return None
-        out = []
-        for text, ids in zip(texts, self.processor.encode(texts, num_threads=self.threads)):
-            ends = np.cumsum(self._piece_bytes[ids]) if ids else np.zeros(0, np.int64)
-            extra = (int(ends[-1]) if ids else 0) - len(text.encode("utf-8"))
+        encoded = self.processor.encode(texts, num_threads=self.threads)
+        # One running sum over the whole batch, cut per text: numpy per batch, not per text.
+        sizes = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        widths = self._piece_bytes[np.fromiter(itertools.chain.from_iterable(encoded), np.int64, int(sizes.sum()))]
+        running = np.cumsum(widths)
+        last = np.cumsum(sizes) - 1
+        before = np.concatenate(([0], running[last[:-1]])) if len(sizes) else sizes
+        out, first = [], 0
+        for text, ids, size, base in zip(texts, encoded, sizes.tolist(), before.tolist()):
+            ends = running[first:first + size] - base
+            starts = ends - widths[first:first + size]
+            first += size
+            total = int(ends[-1]) if size else 0
             # The dummy prefix is one space before the text; anything else (an unknown piece)
             # means the spans cannot be trusted.
+            extra = total - (len(text) if text.isascii() else len(text.encode("utf-8")))
             if extra not in (0, self._dummy_prefix):
                 out.append(None)
                 continue
             if extra:
-                ends -= extra
-                ends[0] = max(int(ends[0]), 0)
-            starts = np.empty_like(ends)
-            if ids:
-                starts[0] = 0
-                starts[1:] = ends[:-1]
+                ends = ends - extra
+                starts = np.maximum(starts - extra, 0)
             out.append((ids, starts, ends))
         return out
 
     def span_length(self, text):
-        return len(text.encode("utf-8"))
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
 
     def decode(self, ids):
         return self.processor.decode(list(ids))
@@ -245,12 +252,20 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.token_id(_special_token(config, "bos_token") or "")
         self.eos_id = self.token_id(_special_token(config, "eos_token") or "")
-        # get_vocab_size counts the entries, not the largest id: added tokens numbered past the
-        # declared vocabulary would index past the model's embedding table.
-        largest = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-        if largest >= self.vocab_size:
-            raise ValueError(f"{self.file}: token id {largest} is beyond the vocabulary of {self.vocab_size} "
-                             f"(ids must be below the vocabulary size; an added token is numbered past it?)")
+        # The model's embedding table has the vocabulary size its config.json declares; a
+        # token added past it (tokenizers numbers added tokens after the last one) would index
+        # past the table at training time.
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        largest = max(vocab.values(), default=-1)
+        declared, where = self.vocab_size, "counted in it"
+        model_config = os.path.join(directory, "config.json")
+        if os.path.exists(model_config):
+            with open(model_config, encoding="utf-8") as handle:
+                declared = json.load(handle).get("vocab_size", declared)
+            where = f"declared in {model_config}"
+        if largest >= declared:
+            name = next(token for token, index in vocab.items() if index == largest)
+            raise ValueError(f"{self.file}: token id {largest} ({name!r}) is beyond the vocabulary of {declared} {where}")
 
     def encode(self, texts):
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
