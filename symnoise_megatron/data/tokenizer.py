@@ -241,7 +241,7 @@ class HFTokenizer(Tokenizer):
             with open(self.file, encoding="utf-8") as handle:
                 self._spans = _spans_safe(json.load(handle))
             self.tokenizer = RustTokenizer.from_file(self.file)
-        except (ValueError, OSError, Exception) as error:  # tokenizers raises bare Exceptions
+        except Exception as error:  # tokenizers raises bare Exceptions on a malformed file
             raise _not_a_tokenizer(self.file, error) from None
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):

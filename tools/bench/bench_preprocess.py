@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import struct
 import subprocess
@@ -100,28 +101,32 @@ def idx_token_count(path):
 
 
 def timed(command, env):
+    """Wall seconds, and CPU seconds of the tool and its workers (what a shared, loaded machine
+    disturbs least)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-3000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def run_ours(jsonl, model, workers, prefix, env):
-    seconds = timed([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", jsonl,
+    seconds, cpu = timed([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", jsonl,
                      "--output-prefix", prefix, "--tokenizer-model", model, "--prompt-template", "none",
                      "--workers", str(workers), "--no-progress"], env)
     with open(prefix + "_meta.json", encoding="utf-8") as handle:
-        return json.load(handle)["tokens"], seconds
+        return json.load(handle)["tokens"], seconds, cpu
 
 
 def run_megatron(checkout, jsonl, model, workers, prefix, env):
-    seconds = timed([sys.executable, os.path.join(checkout, "tools", "preprocess_data.py"), "--input", jsonl,
+    seconds, cpu = timed([sys.executable, os.path.join(checkout, "tools", "preprocess_data.py"), "--input", jsonl,
                      "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer",
                      "--tokenizer-model", model, "--append-eod", "--workers", str(workers),
                      "--log-interval", "1000000"], env)
-    return idx_token_count(prefix + "_text_document.idx"), seconds
+    return idx_token_count(prefix + "_text_document.idx"), seconds, cpu
 
 
 def main():
@@ -146,29 +151,38 @@ def main():
         ours_jsonl, megatron_jsonl = write_inputs(directory, rows, args.repeat)
         model = os.path.join(directory, "bpe.model")
         train_tokenizer(corpus(rows, origin), args.vocab_size, model)
+        load_before = os.getloadavg()
         print(f"input: {len(rows)} rows of {os.path.basename(origin)} x {args.repeat} = {len(rows) * args.repeat} samples; "
               f"{args.vocab_size}-piece BPE SentencePiece; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}", flush=True)
         runs = {w: {"ours": [], "megatron": []} for w in args.workers}
         for round_ in range(args.rounds):
             for workers in args.workers:
-                tokens, seconds = run_ours(ours_jsonl, model, workers, os.path.join(directory, "ours"), env)
-                runs[workers]["ours"].append({"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)})
-                line = f"round {round_ + 1} workers {workers}: ours {tokens / seconds:,.0f} tokens/s ({tokens:,} in {seconds:.2f} s)"
+                tokens, seconds, cpu = run_ours(ours_jsonl, model, workers, os.path.join(directory, "ours"), env)
+                runs[workers]["ours"].append({"tokens": tokens, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                                              "tokens_per_s": round(tokens / seconds)})
+                line = f"round {round_ + 1} workers {workers}: ours {tokens / seconds:,.0f} tokens/s ({tokens:,} in {seconds:.2f} s, {cpu:.2f} CPU s)"
                 if args.megatron_lm:
-                    tokens, seconds = run_megatron(args.megatron_lm, megatron_jsonl, model, workers, os.path.join(directory, "megatron"), megatron_env)
-                    runs[workers]["megatron"].append({"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)})
+                    tokens, seconds, cpu = run_megatron(args.megatron_lm, megatron_jsonl, model, workers, os.path.join(directory, "megatron"), megatron_env)
+                    runs[workers]["megatron"].append({"tokens": tokens, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                                                      "tokens_per_s": round(tokens / seconds)})
                     ratio = runs[workers]["ours"][-1]["tokens_per_s"] / (tokens / seconds)
-                    line += f"; Megatron-LM {tokens / seconds:,.0f} tokens/s ({tokens:,} in {seconds:.2f} s); ratio {ratio:.2f}"
+                    line += f"; Megatron-LM {tokens / seconds:,.0f} tokens/s ({tokens:,} in {seconds:.2f} s, {cpu:.2f} CPU s); ratio {ratio:.2f}"
                 print(line, flush=True)
-    summary = {"cpus": os.cpu_count(), "samples": len(rows) * args.repeat, "vocab_size": args.vocab_size, "rounds": args.rounds, "workers": {}}
+    summary = {"cpus": os.cpu_count(), "load_before": load_before, "samples": len(rows) * args.repeat, "vocab_size": args.vocab_size, "rounds": args.rounds, "workers": {}}
     for workers, both in runs.items():
         entry = {"ours_tokens_per_s": [r["tokens_per_s"] for r in both["ours"]]}
         if both["megatron"]:
             ratios = [o["tokens_per_s"] / m["tokens_per_s"] for o, m in zip(both["ours"], both["megatron"])]
+            cpu_ratios = [(o["tokens"] / o["cpu_seconds"]) / (m["tokens"] / m["cpu_seconds"]) for o, m in zip(both["ours"], both["megatron"])]
             entry |= {"megatron_tokens_per_s": [r["tokens_per_s"] for r in both["megatron"]],
-                      "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
-            print(f"workers {workers}: ratio ours / Megatron-LM median {statistics.median(ratios):.2f} "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} rounds")
+                      "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3),
+                      "ours_cpu_seconds": [r["cpu_seconds"] for r in both["ours"]],
+                      "megatron_cpu_seconds": [r["cpu_seconds"] for r in both["megatron"]],
+                      "cpu_ratios": [round(r, 3) for r in cpu_ratios], "median_cpu_ratio": round(statistics.median(cpu_ratios), 3)}
+            print(f"workers {workers}: wall tokens/s ratio ours / Megatron-LM median {statistics.median(ratios):.2f} "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {len(ratios)} rounds; "
+                  f"tokens per CPU second ratio median {statistics.median(cpu_ratios):.2f} "
+                  f"(min {min(cpu_ratios):.2f}, max {max(cpu_ratios):.2f})")
         summary["workers"][str(workers)] = entry
     low, high = min(args.workers), max(args.workers)
     if high > low:
