@@ -41,11 +41,14 @@ def read_all(prefix):
 
 
 @pytest.mark.parametrize("template", ["alpaca", "none", "vicuna_v1.1", "chatml"])
-@pytest.mark.parametrize("which", ["sp", "hf"])
-def test_span_rule_writes_the_two_pass_files(which, template, run_preprocess, write_rows, hf_tokenizer_dir, sp_tokenizer):
+@pytest.mark.parametrize("which", ["sp", "hf", "smollm2"])
+def test_span_rule_writes_the_two_pass_files(which, template, run_preprocess, write_rows, sp_tokenizer, request):
     if template == "chatml" and which == "sp":
         pytest.skip("the bundled SentencePiece model has no ChatML tokens")
-    spec = sp_tokenizer if which == "sp" else TokenizerSpec(directory=hf_tokenizer_dir)
+    if which == "sp":
+        spec = sp_tokenizer
+    else:  # a byte-level BPE trained here, and SmolLM2's real tokenizer.json
+        spec = TokenizerSpec(directory=request.getfixturevalue("hf_tokenizer_dir" if which == "hf" else "smollm2_hf"))
     with open(BUNDLED_INSTRUCTIONS, encoding="utf-8") as handle:
         rows = json.load(handle) + AWKWARD
     inputs = [write_rows("rows.jsonl", rows)]
