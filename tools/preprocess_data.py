@@ -12,7 +12,7 @@ import sys
 
 from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.data.formats import format_names
-from symnoise_megatron.data.preprocess import ON_ERROR, TURNS, PreprocessConfig, output_paths, preprocess
+from symnoise_megatron.data.preprocess import BOUNDARY_RULES, ON_ERROR, TURNS, PreprocessConfig, output_paths, preprocess
 from symnoise_megatron.data.templates import TEMPLATES
 from symnoise_megatron.data.tokenizer import TokenizerSpec
 
@@ -40,10 +40,15 @@ def parse_args(argv=None):
     out.add_argument("--seq-length", type=int, default=512,
                      help="longest sample in tokens, BOS/EOS included; longer ones are cut at the end (default: 512)")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="tokenizing processes; 1 tokenizes in this process, N > 1 starts N (default: 1)")
     run.add_argument("--on-error", choices=ON_ERROR, default="fail",
                      help="bad rows: stop at the first, or skip and count them in the meta file (default: fail)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--boundary-rule", choices=BOUNDARY_RULES, default="spans",
+                     help="where a response starts: 'spans' encodes each sample once and reads the boundary off the "
+                          "pieces' spans (the two-pass rule where a piece crosses it); 'two-pass' also encodes the "
+                          "prompt alone (Stanford Alpaca's rule; the same files, twice the tokenizer work) (default: spans)")
     return parser.parse_args(argv)
 
 
@@ -56,6 +61,7 @@ def main(argv=None):
         format=args.format, prompt_template=args.prompt_template, prompt_key=args.prompt_key,
         response_key=args.response_key, turns=args.turns, seq_length=args.seq_length,
         workers=args.workers, on_error=args.on_error, split=args.split, progress=not args.no_progress,
+        boundary_rule=args.boundary_rule,
     )
     meta = preprocess(config)
     summary = {k: meta[k] for k in ("samples", "tokens", "response_tokens", "truncated", "dropped", "skipped_rows")}

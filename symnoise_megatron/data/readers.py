@@ -15,11 +15,12 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
 
 
 class RawRow(NamedTuple):
-    """A row before parsing: a JSON text (JSONL) or an already-decoded object."""
+    """A row before parsing: a JSON line's bytes (JSONL; decoded, UTF-8, in the worker), an
+    already-decoded object, or the error that makes the row bad."""
 
     source: str
     row: int  # 1-based: the line of a JSONL file, the element of a JSON array or table
-    payload: Union[str, dict]
+    payload: Union[bytes, str, dict, Exception]
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:
@@ -64,18 +65,43 @@ def _table_rows(path: str, split: Optional[str]) -> Iterator[RawRow]:
         yield RawRow(path, index, record)
 
 
+def _has_undecodable(value) -> bool:
+    """Strings holding bytes that were not UTF-8 (kept as lone surrogates by surrogateescape)."""
+    if isinstance(value, str):
+        return any("\udc80" <= c <= "\udcff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_undecodable(k) or _has_undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
+
+
 def _json_array_rows(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            records = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    from symnoise_megatron.data.formats import RowError
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text, clean = data.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        # Decoded anyway, so that the rows holding the bad bytes are named (and can be skipped).
+        text, clean = data.decode("utf-8-sig", errors="surrogateescape"), False
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
     for index, record in enumerate(records, start=1):
+        if not clean and _has_undecodable(record):
+            record = RowError("not_utf8", "not UTF-8: the row holds bytes that are not UTF-8 text")
         yield RawRow(path, index, record)
 
 
 def _jsonl_rows(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8") as handle:
+    # Bytes: each worker decodes its own lines, and a line that is not UTF-8 is a bad row
+    # like any other (named, or skipped and counted), not an error that stops the reader.
+    with open(path, "rb") as handle:
         for index, line in enumerate(handle, start=1):
             if line.strip():
                 yield RawRow(path, index, line)
@@ -104,9 +130,11 @@ def first_record(path: str, split: Optional[str] = None) -> dict:
     for raw in read_rows(path, split):
         if isinstance(raw.payload, dict):
             return raw.payload
+        if isinstance(raw.payload, Exception):
+            continue
         try:
             value = json.loads(raw.payload)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if isinstance(value, dict):
             return value

@@ -87,3 +87,122 @@ def test_cli_reports_errors_and_throughput(tmp_path, write_rows, capsys):
     out = capsys.readouterr().out
     assert '"skipped_rows": {"empty_response": 1}' in out and "tokens/s" in out
     assert os.path.exists(output_paths(str(tmp_path / "cli"))["meta"])
+
+
+def test_zero_samples_kept_is_an_error_with_the_reasons(run_preprocess, write_rows, tmp_path):
+    rows = [{"instruction": "x", "input": "", "output": " "}, {"instruction": "Say it.", "input": "", "output": "again " * 300}]
+    with pytest.raises(ValueError) as error:
+        run_preprocess([write_rows("none.jsonl", rows)], on_error="skip", seq_length=8)
+    text = str(error.value)
+    assert "no sample kept from 2 row(s)" in text and "'empty_response': 1" in text
+    assert "'no_response_after_truncation': 1" in text and "nothing written" in text
+    assert glob.glob(os.path.join(tmp_path, "out*")) == []
+
+
+def test_cli_exits_non_zero_when_nothing_is_kept(tmp_path, write_rows, capsys):
+    from symnoise_megatron.data import BUNDLED_TOKENIZER
+    from tools.preprocess_data import main
+
+    bad = write_rows("bad.jsonl", [BAD_ROWS["empty_response"][0]])
+    args = ["--input", bad, "--output-prefix", str(tmp_path / "cli"), "--tokenizer-model", BUNDLED_TOKENIZER,
+            "--no-progress", "--on-error", "skip"]
+    assert main(args) == 2
+    assert "no sample kept" in capsys.readouterr().err
+
+
+NOT_UTF8 = b'{"instruction": "caf\xe9", "input": "", "output": "Yes."}\n'
+
+
+def test_non_utf8_row_is_named_or_skipped(run_preprocess, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = (json.dumps(GOOD) + "\n").encode()
+    path.write_bytes(good * 2 + NOT_UTF8 + good)
+    with pytest.raises(ValueError, match=rf"{path}: row 3: not UTF-8: byte 0xe9"):
+        run_preprocess([str(path)])
+    meta, _ = run_preprocess([str(path)], on_error="skip")
+    assert meta["samples"] == 3 and meta["skipped_rows"] == {"not_utf8": 1}
+
+
+def test_non_utf8_element_of_a_json_array_is_named_or_skipped(run_preprocess, tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b"[" + json.dumps(GOOD).encode() + b",\n" + NOT_UTF8.strip() + b",\n" + json.dumps(GOOD).encode() + b"]")
+    with pytest.raises(ValueError, match=rf"{path}: row 2: not UTF-8"):
+        run_preprocess([str(path)])
+    meta, _ = run_preprocess([str(path)], on_error="skip")
+    assert meta["samples"] == 2 and meta["skipped_rows"] == {"not_utf8": 1}
+
+
+def test_ids_beyond_the_vocabulary_and_paths_that_are_no_tokenizer(hf_tokenizer_dir, tmp_path, run_preprocess, write_rows):
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    with open(os.path.join(hf_tokenizer_dir, "tokenizer.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["added_tokens"].append({"id": 600, "content": "<|far|>", "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text(json.dumps(config))
+    (broken / "config.json").write_text(json.dumps({"vocab_size": 600}))
+    with pytest.raises(ValueError, match=rf"{broken}/tokenizer.json: token id 60\d \('<\|far\|>'\) is beyond the "
+                                         rf"vocabulary of 600 declared in {broken}/config.json"):
+        TokenizerSpec(directory=str(broken)).load()
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match=rf"{text} is not a tokenizer"):
+        TokenizerSpec(model_file=str(text)).load()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(ValueError, match=rf"{tmp_path}/junk/tokenizer.json is not a tokenizer"):
+        run_preprocess([write_rows("ok.jsonl", [GOOD])], tokenizer=TokenizerSpec(directory=str(tmp_path / "junk")))
+    with pytest.raises(ValueError, match="is a directory; pass it as --tokenizer-dir"):
+        TokenizerSpec(model_file=hf_tokenizer_dir).load()
+
+
+def test_read_only_output_folder_is_named_and_nothing_is_left(run_preprocess, write_rows, tmp_path, monkeypatch):
+    import builtins
+
+    from symnoise_megatron.data import preprocess
+
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: answer as the kernel does to anyone else
+        def refusing_open(path, mode="r", *args, **kwargs):
+            if "w" in mode and os.path.dirname(os.path.abspath(path)) == str(folder):
+                raise PermissionError(13, "Permission denied", path)
+            return builtins.open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(preprocess, "open", refusing_open, raising=False)
+    try:
+        with pytest.raises(ValueError, match=rf"cannot write {folder}/out_tokens.tmp-\d+.bin: Permission denied"):
+            run_preprocess([write_rows("ok.jsonl", [GOOD])], prefix="readonly/out")
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_full_disk_is_named_and_partial_files_removed(run_preprocess, write_rows, tmp_path):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    target = tmp_path / f"out_tokens.tmp-{os.getpid()}.bin"
+    os.symlink("/dev/full", target)
+    with pytest.raises(ValueError, match=rf"cannot write {target}: No space left on device"):
+        run_preprocess([write_rows("ok.jsonl", [GOOD] * 50)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl"]
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(run_preprocess, write_rows, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = [tmp_path / f"out_tokens.tmp-{dead}.bin", tmp_path / f"out_loss_mask.tmp-{dead}.idx", tmp_path / f"out_meta.json.tmp-{dead}"]
+    alive = tmp_path / f"out_tokens.tmp-{os.getppid()}.bin"  # a run still going: kept
+    for path in stale + [alive]:
+        path.write_bytes(b"partial")
+    meta, prefix = run_preprocess([write_rows("ok.jsonl", [GOOD])])
+    assert meta["samples"] == 1
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert "removed 3 temporary file(s) left by interrupted runs" in capsys.readouterr().err

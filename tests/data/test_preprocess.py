@@ -1,6 +1,7 @@
 """Preprocessing: every format and template round-trips; megatron-core reads the files back."""
 
 import json
+import os
 
 import pytest
 
@@ -163,3 +164,46 @@ def test_meta_records_the_run(run_preprocess, write_rows):
     assert meta["prompt_template"] == "alpaca" and meta["seq_length"] == 512
     assert meta["samples_per_second"] > 0 and meta["tokens_per_second"] > 0
     assert sum(meta["length_histogram"].values()) == meta["samples"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "uint8"])
+def test_writer_matches_megatron_cores_builder_byte_for_byte(dtype, tmp_path):
+    """The writer avoids importing megatron-core (and torch); its files must be the builder's."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from symnoise_megatron.data.preprocess import IndexedWriter
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 250, size=n).astype(dtype) for n in (5, 1, 17, 0, 40)]
+    chunk_lengths = [[2, 3], [1], [10, 7], [], [1, 1, 38]]
+    ours = IndexedWriter(str(tmp_path / "ours.bin"), np.dtype(dtype))
+    theirs = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.dtype(dtype).type)
+    for values, lengths in zip(chunks, chunk_lengths):
+        ours.add(values, np.array(lengths, np.int32))
+        start = 0
+        for length in lengths:
+            theirs.add_item(torch.from_numpy(values[start:start + length].astype(np.int64)))
+            theirs.end_document()
+            start += length
+    ours.finalize(str(tmp_path / "ours.idx"))
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes(), suffix
+
+
+def test_preprocessing_does_not_import_megatron_or_torch(tmp_path, write_rows):
+    """Their import costs more than tokenizing 100,000 samples."""
+    import subprocess
+    import sys
+
+    from symnoise_megatron.data import BUNDLED_TOKENIZER
+
+    path = write_rows("rows.jsonl", ALPACA_ROWS)
+    code = ("import sys; from tools.preprocess_data import main; "
+            f"main(['--input', {path!r}, '--output-prefix', {str(tmp_path / 'p')!r}, '--tokenizer-model', {BUNDLED_TOKENIZER!r}, '--no-progress']); "
+            "print(sorted(m for m in ('torch', 'megatron', 'megatron.core') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
