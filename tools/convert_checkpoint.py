@@ -8,6 +8,11 @@ hf-to-megatron writes a megatron-core distributed (torch_dist) checkpoint in Meg
 layout (MEGATRON_DIR/release, latest_checkpointed_iteration.txt) that loads under any
 TP/PP. Run it under torchrun to spread the layers, and the memory, over several processes:
   torchrun --nproc-per-node 4 tools/convert_checkpoint.py hf-to-megatron ...
+
+--save-dir must be a new or empty folder: old files beside new ones would be loaded instead
+of them (a stale model.safetensors beside new shards) or move a run's latest checkpoint.
+--overwrite replaces everything in it; a folder with a training run's checkpoints (iter_*)
+is refused even then.
 """
 
 import argparse
@@ -35,6 +40,10 @@ def parse_args(argv=None):
     to_hf.add_argument("--load-dir", required=True, help="megatron checkpoint directory (with latest_checkpointed_iteration.txt)")
     to_hf.add_argument("--save-dir", required=True, help="HF directory to write")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors file (default: 5)")
+    to_megatron.add_argument("--overwrite", action="store_true",
+                             help="replace what --save-dir holds (an earlier conversion included; never iter_* checkpoints)")
+    to_hf.add_argument("--overwrite", action="store_true",
+                       help="replace everything in --save-dir (the new folder is written beside it and moved into place)")
     for command in (to_megatron, to_hf):
         command.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -46,10 +55,10 @@ def main(argv=None):
     with runtime_for_this_machine():
         if args.direction == "hf-to-megatron":
             model = hf_to_megatron(args.load_dir, args.save_dir, args.make_vocab_size_divisible_by,
-                                   DTYPES.get(args.dtype), progress=not args.no_progress)
+                                   DTYPES.get(args.dtype), progress=not args.no_progress, overwrite=args.overwrite)
         else:
             model = megatron_to_hf(args.load_dir, args.save_dir, int(args.max_shard_size_gb * 2**30),
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"converted {model.architecture} ({model.num_layers} layers, hidden {model.hidden_size}) to {args.save_dir}")
     return 0
 

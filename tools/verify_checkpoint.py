@@ -16,6 +16,7 @@ import sys
 
 import torch.distributed as dist
 
+from symnoise_megatron.cli import exits_on_user_error
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 from symnoise_megatron.runtime.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 
@@ -34,8 +35,13 @@ def parse_args(argv=None):
 
 
 def run(args):
+    from symnoise_megatron.checkpoint import paths
     from symnoise_megatron.checkpoint.verify import compare_with_transformers
 
+    # A folder that is no checkpoint (or holds only an unfinished save) fails here, before
+    # any rank waits on another.
+    paths.read_info(args.megatron_dir)
+    paths.read_tracker(args.megatron_dir)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     initialize_distributed(parallel)
     report = compare_with_transformers(args.hf_dir, args.megatron_dir, parallel,
@@ -49,6 +55,7 @@ def run(args):
     return 0 if report.passed(args.tolerance) else 1
 
 
+@exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
     with runtime_for_this_machine():

@@ -9,12 +9,18 @@ divides the memory of a 70B conversion.
 
 ``megatron_to_hf`` reads the checkpoint one layer at a time and writes safetensors shards,
 config.json, generation_config.json and the tokenizer files back.
+
+Neither writes into a folder that holds something else (``overwrite`` replaces its contents),
+and neither touches a training run's checkpoints: a converted ``release`` beside them would
+move the run's latest pointer, and ``from_pretrained`` would load stale weight files left
+beside new ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from typing import Dict, Optional
 
@@ -25,6 +31,7 @@ from tqdm import tqdm
 from symnoise_megatron.checkpoint import layouts, paths
 from symnoise_megatron.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
 from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_HF, TO_MEGATRON
+from symnoise_megatron.checkpoint.layouts import OPT_POSITION_OFFSET, OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter, copy_files
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
@@ -47,7 +54,46 @@ def read_hf_config(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_target(save_dir: str, load_dir: str, overwrite: bool, *, replaces_release: bool = False) -> list:
+    """Refuse a target that would mix old files with the new ones; returns its current entries.
+
+    A non-empty folder needs ``overwrite`` (which replaces everything in it). Megatron
+    checkpoints in it are refused even then, naming them: a training run's ``iter_*`` always, an
+    earlier conversion (``release``) unless ``replaces_release`` (hf-to-megatron replacing it).
+    """
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ValueError(f"--save-dir {save_dir} is a file, not a folder")
+    entries = sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else []
+    if not entries:
+        return entries
+    held = paths.checkpoints_in(save_dir)
+    if not replaces_release:
+        held += [name for name in (paths.RELEASE, paths.TRACKER) if name in entries and name not in held]
+    if held:
+        raise ValueError(
+            f"--save-dir {save_dir} holds megatron checkpoints ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
+            "a conversion never writes over them, not even with --overwrite: choose another folder"
+        )
+    if not overwrite:
+        shown = ", ".join(entries[:6]) + (" ..." if len(entries) > 6 else "")
+        raise ValueError(
+            f"--save-dir {save_dir} is not empty ({shown}); choose a new or empty folder, or pass --overwrite "
+            "to replace everything in it"
+        )
+    if _inside(load_dir, save_dir):
+        raise ValueError(f"--overwrite would delete --load-dir {load_dir}: it lies inside --save-dir {save_dir}")
+    return entries
 
 
 def tokenizer_vocab_size(directory: str) -> Optional[int]:
@@ -80,7 +126,7 @@ def check_hf_checkpoint(reader: HFCheckpointReader, model: ModelConfig) -> None:
 
 
 def _entry_tensors(reader, entry, layer, model, rows, dtype):
-    tensors = [reader.get(name.format(i=layer)) for name in entry.hf]
+    tensors = [reader.get(name.format(i=layer), finite=True) for name in entry.hf]
     out = TO_MEGATRON[entry.transform](model, rows, *tensors)
     return out.to(dtype) if dtype is not None else out.contiguous()
 
@@ -91,10 +137,16 @@ def hf_to_megatron(
     make_vocab_size_divisible_by: int = 128,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ModelConfig:
-    """Convert an HF LLaMA/OPT directory into a megatron-core checkpoint at ``save_dir``."""
+    """Convert an HF LLaMA/OPT directory into a megatron-core checkpoint at ``save_dir``.
+
+    ``save_dir`` must be new or empty; ``overwrite`` replaces what is in it, an earlier
+    conversion included, but never a training run's ``iter_*`` checkpoints.
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    old_entries = check_target(save_dir, load_dir, overwrite, replaces_release=True)
     hf_config = read_hf_config(load_dir)
     model = model_config_from_hf(hf_config)
     reader = HFCheckpointReader(load_dir)
@@ -106,6 +158,9 @@ def hf_to_megatron(
         )
     _ensure_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank has checked the folder as it was before rank 0 writes into it
+    if old_entries and rank == 0:
+        _remove_entries(save_dir, old_entries)
     rows = padded_vocab_size(model.vocab_size, make_vocab_size_divisible_by, 1)
     sharded: Dict[str, ShardedTensor] = {}
     if rank == 0:
@@ -126,11 +181,48 @@ def hf_to_megatron(
         assets = os.path.join(save_dir, paths.HF_ASSETS)
         os.makedirs(assets, exist_ok=True)
         copy_files(load_dir, assets, HF_ASSET_FILES)
+        if model.architecture == "opt":
+            _keep_opt_unused_positions(reader, assets, dtype)
     paths.save_atomically(save_dir, None, sharded, {
         "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
     })
     return model
+
+
+def _remove_entries(directory: str, entries) -> None:
+    for name in entries:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def _keep_opt_unused_positions(reader: HFCheckpointReader, assets: str, dtype: Optional[torch.dtype]) -> None:
+    from safetensors.torch import save_file
+
+    rows = reader.get("model.decoder.embed_positions.weight")[:OPT_POSITION_OFFSET]
+    rows = rows.to(dtype) if dtype is not None else rows
+    save_file({OPT_UNUSED_POSITIONS_KEY: rows.contiguous()}, os.path.join(assets, OPT_UNUSED_POSITIONS_FILE))
+
+
+def _opt_unused_positions(load_dir: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The two rows hf-to-megatron kept, or None (a model trained from scratch never had them)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(load_dir, paths.HF_ASSETS, OPT_UNUSED_POSITIONS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        rows = load_file(path)[OPT_UNUSED_POSITIONS_KEY]
+    except (SafetensorError, KeyError) as error:
+        raise ValueError(f"{path}: cannot read OPT's unused position rows: {error}") from None
+    if tuple(rows.shape) != (OPT_POSITION_OFFSET, like.shape[1]):
+        raise ValueError(f"{path}: OPT's unused position rows have shape {tuple(rows.shape)}, "
+                         f"the model needs ({OPT_POSITION_OFFSET}, {like.shape[1]})")
+    return rows.to(like.dtype)
 
 
 def model_config_of(checkpoint_root: str) -> ModelConfig:
@@ -154,15 +246,47 @@ def _load_full(metadata, checkpoint_dir):
     return dist_checkpointing.load(request, checkpoint_dir)
 
 
-def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> ModelConfig:
-    """Write the latest checkpoint under ``load_dir`` as an HF directory at ``save_dir``."""
+def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
+                   overwrite: bool = False) -> ModelConfig:
+    """Write the latest checkpoint under ``load_dir`` as an HF directory at ``save_dir``.
+
+    ``save_dir`` must be new or empty; ``overwrite`` replaces everything in it. The directory
+    is written beside ``save_dir`` and moved into place when complete, so an interrupted run
+    leaves the old contents (or nothing), never a mix.
+    """
     from megatron.core import dist_checkpointing
 
+    check_target(save_dir, load_dir, overwrite)
     info = paths.read_info(load_dir)
     model = ModelConfig(**info["model"])
     checkpoint_dir = paths.latest_checkpoint_dir(load_dir)
     _ensure_process_group()
+    if dist.get_world_size() > 1:
+        raise ValueError("megatron-to-hf runs in one process (every rank would write the same files): run it without torchrun")
     metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
+    target = os.path.realpath(save_dir)
+    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_hf(load_dir, checkpoint_dir, staging, info, model, metadata, max_shard_bytes, progress)
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Replace ``target`` (absent, empty, or checked by :func:`check_target`) by ``staging``."""
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    previous = f"{staging}.previous"
+    os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous)
+
+
+def _write_hf(load_dir, checkpoint_dir, save_dir, info, model, metadata, max_shard_bytes, progress) -> None:
     writer = ShardedSafetensorsWriter(save_dir, max_shard_bytes)
 
     globals_ = {e.megatron: e for e in layouts.global_entries(model)}
@@ -171,7 +295,12 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
         raise ValueError(f"{checkpoint_dir}: missing tensors {missing}")
     loaded = _load_full({k: metadata[k] for k in globals_}, checkpoint_dir)
     for key, entry in globals_.items():
-        writer.add(dict(zip(entry.hf, TO_HF[entry.transform](model, loaded[key]))))
+        tensors = TO_HF[entry.transform](model, loaded[key])
+        if entry.transform == "positions":
+            kept = _opt_unused_positions(load_dir, tensors[0])
+            if kept is not None:
+                tensors[0][:OPT_POSITION_OFFSET] = kept
+        writer.add(dict(zip(entry.hf, tensors)))
     entries = layouts.layer_entries(model)
     absent = [LAYER_PREFIX + e.megatron for e in entries if LAYER_PREFIX + e.megatron not in metadata]
     if absent:
@@ -189,4 +318,3 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
         config["torch_dtype"] = config["dtype"] = str(metadata["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
         json.dump(config, handle, indent=2)
     copy_files(os.path.join(load_dir, paths.HF_ASSETS), save_dir, HF_ASSET_FILES)
-    return model

@@ -16,6 +16,10 @@ import torch
 from symnoise_megatron.model.config import ModelConfig
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with 2 unused rows
+# Megatron's position table has no room for them: they are kept beside the tokenizer in
+# ``hf_assets/`` (which training copies into its --save), so the way back is bit-exact.
+OPT_UNUSED_POSITIONS_FILE = "opt_unused_position_rows.safetensors"
+OPT_UNUSED_POSITIONS_KEY = "model.decoder.embed_positions.weight[:2]"
 LAYER_PREFIX = "decoder.layers."
 
 
@@ -67,7 +71,7 @@ TO_HF: Dict[str, Callable] = {
     "qkv": _to_hf_qkv,
     "gated": lambda model, t: list(t.chunk(2)),
     "vocab": lambda model, t: [t[: model.vocab_size]],
-    # The two unused rows come back as zeros: they are never read by OPT's forward.
+    # The two unused rows are put back by the converter (zeros where none were kept).
     "positions": lambda model, t: [torch.cat([t.new_zeros(OPT_POSITION_OFFSET, t.shape[1]), t])],
 }
 

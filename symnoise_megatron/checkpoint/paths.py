@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "symnoise_checkpoint.json"
@@ -19,11 +20,49 @@ def iteration_dir(root: str, iteration: Optional[int]) -> str:
     return os.path.join(root, RELEASE if iteration is None else f"iter_{iteration:07d}")
 
 
+_ITERATION = re.compile(r"iter_\d+(\.partial)?$")
+
+
+def unfinished_saves(root: str) -> List[str]:
+    """``*.partial`` folders: saves that were still being written when their run stopped."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(name for name in os.listdir(root) if name.endswith(".partial"))
+
+
+def checkpoints_in(root: str) -> List[str]:
+    """A training run's checkpoints in ``root``: its ``iter_*`` folders (finished or not) and
+    the tracker when it names an iteration (it may point at a folder since removed)."""
+    if not os.path.isdir(root):
+        return []
+    found = sorted(name for name in os.listdir(root) if _ITERATION.match(name))
+    tracker = os.path.join(root, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8") as handle:
+            text = handle.read().strip()
+        if text != RELEASE:
+            found.append(f"{TRACKER} (says {text!r})")
+    return found
+
+
+def _no_checkpoint(root: str, missing: str) -> FileNotFoundError:
+    unfinished = unfinished_saves(root)
+    finished = [name for name in os.listdir(root) if name == RELEASE or re.match(r"iter_\d+$", name)] if unfinished else []
+    if unfinished and not finished:
+        return FileNotFoundError(
+            f"{root} holds only an unfinished save ({', '.join(unfinished)}): its run stopped while writing it, "
+            f"before any checkpoint was complete ({missing} is missing), so there is nothing to load"
+        )
+    if not os.path.isdir(root):
+        return FileNotFoundError(f"{root} does not exist")
+    return FileNotFoundError(f"{root}: no {missing}; is this a megatron checkpoint directory?")
+
+
 def read_tracker(root: str) -> Optional[int]:
     """The iteration the tracker names: None for ``release``."""
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{root}: no {TRACKER}; is this a megatron checkpoint directory?")
+        raise _no_checkpoint(root, TRACKER)
     with open(path, encoding="utf-8") as handle:
         text = handle.read().strip()
     if text == RELEASE:
@@ -53,6 +92,8 @@ def latest_checkpoint_dir(root: str) -> str:
 def read_info(root: str) -> dict:
     path = os.path.join(root, INFO)
     if not os.path.exists(path):
+        if unfinished_saves(root) or not os.path.isdir(root):
+            raise _no_checkpoint(root, INFO)
         raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by symnoise-megatron")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

@@ -22,7 +22,10 @@ class HFCheckpointReader:
         index_path = os.path.join(directory, INDEX)
         if os.path.exists(index_path):
             with open(index_path, encoding="utf-8") as handle:
-                self.files: Dict[str, str] = json.load(handle)["weight_map"]
+                try:
+                    self.files: Dict[str, str] = json.load(handle)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ValueError(f"{index_path} is not a safetensors index (JSON with a weight_map): {error!r}") from None
         elif os.path.exists(os.path.join(directory, SINGLE)):
             self.files = {name: SINGLE for name in self._names_in(SINGLE)}
         else:
@@ -41,7 +44,7 @@ class HFCheckpointReader:
             with safe_open(path, framework="pt") as handle:
                 return set(handle.keys())
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated?): {error}") from None
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted): {error}") from None
 
     def names(self) -> List[str]:
         return sorted(self.files)
@@ -52,15 +55,27 @@ class HFCheckpointReader:
         with safe_open(path, framework="pt") as handle:
             return handle.get_slice(name).get_shape()
 
-    def get(self, name: str) -> torch.Tensor:
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.directory, self.files[name])
+
+    def get(self, name: str, finite: bool = False) -> torch.Tensor:
+        """The tensor ``name``; with ``finite``, a NaN or Inf in it is an error naming its file.
+
+        A pretrained checkpoint holds no NaN or Inf, so one is the sign of a corrupted shard
+        whose header still reads (safetensors files carry no checksum).
+        """
         if name not in self.files:
             raise KeyError(f"{self.directory}: missing tensor {name!r}")
-        path = os.path.join(self.directory, self.files[name])
+        path = self.path_of(name)
         try:
             with safe_open(path, framework="pt") as handle:
-                return handle.get_tensor(name)
+                tensor = handle.get_tensor(name)
         except SafetensorError as error:
-            raise ValueError(f"{path}: cannot read {name!r} (truncated file?): {error}") from None
+            raise ValueError(f"{path}: cannot read {name!r} (truncated or corrupted file): {error}") from None
+        # A float32 sum: NaN and Inf propagate, with no copy of the tensor.
+        if finite and tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupted")
+        return tensor
 
 
 class ShardedSafetensorsWriter:

@@ -157,6 +157,7 @@ def build_gpt_model(
         vocab_size=padded_vocab_size(
             model.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size
         ),
+        unpadded_vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
