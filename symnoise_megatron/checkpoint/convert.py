@@ -43,10 +43,18 @@ HF_ASSET_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 
 def _ensure_process_group():
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    if dist.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process (no torchrun): a private store, so two conversions on one machine
+        # never meet on a fixed port.
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)), world_size=world_size)
 
 
 def read_hf_config(directory: str) -> dict:
