@@ -4,10 +4,11 @@ and writing one iteration into it atomically."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "symnoise_checkpoint.json"
@@ -23,7 +24,7 @@ def read_tracker(root: str) -> Optional[int]:
     """The iteration the tracker names: None for ``release``."""
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{root}: no {TRACKER}; is this a megatron checkpoint directory?")
+        raise FileNotFoundError(unfinished_save(root) or f"{root}: no {TRACKER}; is this a megatron checkpoint directory?")
     with open(path, encoding="utf-8") as handle:
         text = handle.read().strip()
     if text == RELEASE:
@@ -42,6 +43,17 @@ def write_tracker(root: str, iteration: Optional[int]) -> None:
     os.replace(temporary, os.path.join(root, TRACKER))
 
 
+def unfinished_save(root: str) -> Optional[str]:
+    """A message when ``root`` holds only unfinished saves (``iter_N.partial``), else None."""
+    if os.path.exists(os.path.join(root, TRACKER)):
+        return None
+    partial = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.partial")))
+    if not partial:
+        return None
+    return (f"{root} holds only an unfinished save ({', '.join(partial)}): the run stopped before its first "
+            "checkpoint was complete, so there is no checkpoint to read")
+
+
 def has_checkpoint(root: Optional[str]) -> bool:
     return bool(root) and os.path.exists(os.path.join(root, TRACKER))
 
@@ -53,7 +65,7 @@ def latest_checkpoint_dir(root: str) -> str:
 def read_info(root: str) -> dict:
     path = os.path.join(root, INFO)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by symnoise-megatron")
+        raise FileNotFoundError(unfinished_save(root) or f"{path} is missing: the checkpoint was not written by symnoise-megatron")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -65,12 +77,15 @@ def write_info(root: str, info: dict) -> None:
     os.replace(temporary, os.path.join(root, INFO))
 
 
-def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict) -> str:
+def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict,
+                    before_publish: Optional[Callable[[str], None]] = None) -> str:
     """Write one iteration (None: ``release``) with megatron-core dist_checkpointing, all ranks.
 
     The checkpoint goes to ``<dir>.partial`` and is renamed once every rank has finished; only
     then are the info file (updated with ``info``) and the tracker moved, so a crash mid-save
-    leaves the previous checkpoint the latest, intact. Returns the iteration's directory.
+    leaves the previous checkpoint the latest, intact. ``before_publish(staging)`` runs on every
+    rank once all have written, before the rename (the training's checksums). Returns the
+    iteration's directory.
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -84,6 +99,9 @@ def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, in
     dist.barrier()
     dist_checkpointing.save(sharded_state, staging)
     dist.barrier()
+    if before_publish is not None:
+        before_publish(staging)
+        dist.barrier()
     if first:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
