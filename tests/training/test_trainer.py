@@ -519,3 +519,59 @@ def test_resume_checks_noise_checksums_tokenizers_and_the_lock(data_prefix, tmp_
     taken = []
     SaveLock(locked, log=taken.append).release()
     assert len(taken) == 1 and f"pid {holder.pid} on {socket.gethostname()}, no longer running" in taken[0]
+
+
+def save_with_a_slow_writer(config, record):
+    """Train with megatron-core's forked checkpoint writers stalled: each records its pid and its
+    parent's, then waits, long enough for the test to SIGKILL the saving rank."""
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.write_preloaded_data
+
+    def stalled(*args, **kwargs):
+        with open(record, "a") as handle:
+            handle.write(f"{os.getpid()} {os.getppid()}\n")
+        time.sleep(120)
+        return original(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(stalled)
+    return train_runs([config])
+
+
+def test_checkpoint_writers_die_with_a_killed_saver(data_prefix, tmp_path):
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    record = tmp_path / "writers"
+    config = dict(BASE, data_path=[data_prefix], save=str(tmp_path / "run"), train_iters=1, eval_interval=None)
+    failures = []
+    runner = threading.Thread(target=lambda: failures.append(pytest.raises(RuntimeError, run_distributed,
+                                                                           save_with_a_slow_writer, 1, config, str(record))))
+    runner.start()
+    deadline = time.time() + 240
+    while not (record.exists() and record.read_text().endswith("\n")) and time.time() < deadline:
+        time.sleep(0.2)
+    writer, saver = map(int, record.read_text().split("\n")[0].split())
+    # The forked writers and the Manager process serving their results queue.
+    helpers = [child.pid for child in psutil.Process(saver).children(recursive=True)]
+    assert writer in helpers and len(helpers) >= 2
+    os.kill(saver, signal.SIGKILL)
+    runner.join(60)
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, helpers)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [" ".join(psutil.Process(pid).cmdline())[:80] for pid in helpers if alive(pid)]
+    assert not left, f"checkpoint writers outlived the rank that started them: {left}"
+    assert failures and "died" in str(failures[0].value)
