@@ -575,3 +575,40 @@ def test_checkpoint_writers_die_with_a_killed_saver(data_prefix, tmp_path):
     left = [" ".join(psutil.Process(pid).cmdline())[:80] for pid in helpers if alive(pid)]
     assert not left, f"checkpoint writers outlived the rank that started them: {left}"
     assert failures and "died" in str(failures[0].value)
+
+
+def test_workers_save_and_stop_when_torchrun_is_killed(data_prefix, tmp_path):
+    # torchrun starts each worker in its own session: a kill -9 of torchrun alone reaches none.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    save = str(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "symnoise_megatron.finetune", "--data-path", data_prefix, "--load", BASE["load"], "--finetune",
+               "--save", save, "--train-iters", "100000", "--global-batch-size", "4", "--micro-batch-size", "2",
+               "--seq-length", "64", "--log-interval", "1", "--lr-warmup-fraction", "0"]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        for line in agent.stdout:
+            if " iteration        1/" in line:
+                break
+        workers = [child for child in psutil.Process(agent.pid).children(recursive=True) if "finetune" in " ".join(child.cmdline())]
+        assert workers
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=120)
+        assert not alive, "workers trained on after torchrun was killed"
+    finally:
+        agent.kill()
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    assert read_tracker(save) >= 1  # they saved before stopping
+    assert "the torchrun agent (pid" in agent.stderr.read()
