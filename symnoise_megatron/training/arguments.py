@@ -113,6 +113,9 @@ class TrainingConfig:
             raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
         if self.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
             raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not constant, linear, cosine or inverse-square-root")
+        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(f"--tokenizer-type {self.tokenizer_type!r}: the data can only have been tokenized by one of "
+                             f"{', '.join(TOKENIZER_TYPES)} (this fine-tune reads the tokenizer recorded in the data)")
         if self.save_interval and not self.save:
             raise ValueError("--save-interval needs --save")
         if len(self.valid_data_path) > 1:
@@ -123,9 +126,6 @@ class TrainingConfig:
                     raise FileNotFoundError(f"{flag} {prefix}: {prefix}_tokens.bin does not exist")
         if self.load and not paths.has_checkpoint(self.load):
             raise FileNotFoundError(paths.unfinished_save(self.load) or f"--load {self.load}: no {paths.TRACKER} there")
-        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(f"--tokenizer-type {self.tokenizer_type!r}: the data can only have been tokenized by one of "
-                             f"{', '.join(TOKENIZER_TYPES)} (this fine-tune reads the tokenizer recorded in the data)")
         if self.tokenizer_model is not None and not os.path.exists(self.tokenizer_model):
             raise FileNotFoundError(f"--tokenizer-model {self.tokenizer_model} does not exist")
 
