@@ -129,11 +129,18 @@ def _gather(mine):
     return everything
 
 
+def _writer(name: str, index: int, world: int) -> int:
+    """The rank that wrote a torch_dist shard (``__<rank>_<n>.distcp``), whose page cache still
+    holds it; other files go round the ranks."""
+    match = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
+    return (int(match.group(1)) if match else index) % world
+
+
 def write_manifest(directory: str) -> None:
-    """Every rank hashes its share of the files; rank 0 writes the manifest (before the rename)."""
-    files = _files(directory)
+    """Every rank hashes the shards it wrote; rank 0 writes the manifest (before the rename)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     mine = {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
-            for name in files[dist.get_rank()::dist.get_world_size()]}
+            for index, name in enumerate(_files(directory)) if _writer(name, index, world) == rank}
     entries = {name: entry for share in _gather(mine) for name, entry in share.items()}
     if dist.get_rank() == 0:
         temporary = os.path.join(directory, MANIFEST + ".tmp")
@@ -216,9 +223,12 @@ class SaveLock:
     free: it is taken over, with a warning naming the run that left it."""
 
     def __init__(self, root: str, log=print):
-        os.makedirs(root, exist_ok=True)
         self.path = os.path.join(root, LOCK)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(root, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as error:
+            raise ValueError(f"--save {root} is not writable ({error.strerror}: {error.filename})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
