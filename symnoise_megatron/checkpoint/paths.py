@@ -8,7 +8,7 @@ import json
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "symnoise_checkpoint.json"
@@ -45,7 +45,8 @@ def checkpoints_in(root: str) -> List[str]:
     return found
 
 
-def _no_checkpoint(root: str, missing: str) -> FileNotFoundError:
+def missing_checkpoint_error(root: str, missing: str) -> FileNotFoundError:
+    """Why ``root`` has no readable checkpoint: only unfinished saves, no folder, or not a checkpoint."""
     unfinished = unfinished_saves(root)
     finished = [name for name in os.listdir(root) if name == RELEASE or re.match(r"iter_\d+$", name)] if unfinished else []
     if unfinished and not finished:
@@ -62,7 +63,7 @@ def read_tracker(root: str) -> Optional[int]:
     """The iteration the tracker names: None for ``release``."""
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
-        raise _no_checkpoint(root, TRACKER)
+        raise missing_checkpoint_error(root, TRACKER)
     with open(path, encoding="utf-8") as handle:
         text = handle.read().strip()
     if text == RELEASE:
@@ -93,7 +94,7 @@ def read_info(root: str) -> dict:
     path = os.path.join(root, INFO)
     if not os.path.exists(path):
         if unfinished_saves(root) or not os.path.isdir(root):
-            raise _no_checkpoint(root, INFO)
+            raise missing_checkpoint_error(root, INFO)
         raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by symnoise-megatron")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
@@ -106,12 +107,15 @@ def write_info(root: str, info: dict) -> None:
     os.replace(temporary, os.path.join(root, INFO))
 
 
-def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict) -> str:
+def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict,
+                    before_publish: Optional[Callable[[str], None]] = None) -> str:
     """Write one iteration (None: ``release``) with megatron-core dist_checkpointing, all ranks.
 
     The checkpoint goes to ``<dir>.partial`` and is renamed once every rank has finished; only
     then are the info file (updated with ``info``) and the tracker moved, so a crash mid-save
-    leaves the previous checkpoint the latest, intact. Returns the iteration's directory.
+    leaves the previous checkpoint the latest, intact. ``before_publish(staging)`` runs on every
+    rank once all have written, before the rename (the training's checksums). Returns the
+    iteration's directory.
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -125,6 +129,9 @@ def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, in
     dist.barrier()
     dist_checkpointing.save(sharded_state, staging)
     dist.barrier()
+    if before_publish is not None:
+        before_publish(staging)
+        dist.barrier()
     if first:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

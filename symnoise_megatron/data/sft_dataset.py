@@ -31,6 +31,12 @@ class SFTIndexedData:
             )
         with open(paths["meta"], encoding="utf-8") as handle:
             self.meta = json.load(handle)
+        if self.meta.get("samples") == 0 or os.path.getsize(paths["tokens"] + ".bin") == 0:
+            raise ValueError(
+                f"--data-path {prefix}: the dataset is empty (0 samples); its preprocessing kept nothing, see "
+                f"'dropped' and 'skipped_rows' in {paths['meta']}"
+            )
+        self._check_file_sizes(prefix, paths)
         self.tokens = IndexedDataset(paths["tokens"])
         self.loss_mask = IndexedDataset(paths["loss_mask"])
         if not (len(self.tokens) == len(self.loss_mask) == self.meta["samples"]):
@@ -38,8 +44,43 @@ class SFTIndexedData:
                 f"--data-path {prefix}: {len(self.tokens)} token sequences, {len(self.loss_mask)} loss masks and "
                 f"{self.meta['samples']} samples in the meta file do not agree"
             )
-        if not np.array_equal(self.tokens.sequence_lengths, self.loss_mask.sequence_lengths):
-            raise ValueError(f"--data-path {prefix}: token and loss-mask sequence lengths differ")
+        for key in ("tokens", "loss_mask"):
+            self._check_index_covers_bin(paths[key], getattr(self, key))
+        lengths, mask_lengths = self.tokens.sequence_lengths, self.loss_mask.sequence_lengths
+        if not np.array_equal(lengths, mask_lengths):
+            first = int(np.flatnonzero(lengths != mask_lengths)[0])
+            raise ValueError(
+                f"--data-path {prefix}: sample {first} has {lengths[first]} tokens in {paths['tokens']}.idx but "
+                f"{mask_lengths[first]} loss-mask entries in {paths['loss_mask']}.idx; the two files are not one dataset"
+            )
+
+    def _check_file_sizes(self, prefix, paths):
+        """The sizes the preprocessing recorded: an .idx or .bin copied from another run differs."""
+        recorded = self.meta.get("file_bytes") or {}
+        for key in ("tokens", "loss_mask"):
+            for suffix in (".bin", ".idx"):
+                path = paths[key] + suffix
+                expected = recorded.get(os.path.basename(path))
+                if expected is not None and os.path.getsize(path) != expected:
+                    raise ValueError(
+                        f"--data-path {prefix}: {path} has {os.path.getsize(path)} bytes but {paths['meta']} "
+                        f"recorded {expected}; it is not the file this preprocessing wrote (run it again)"
+                    )
+
+    @staticmethod
+    def _check_index_covers_bin(path, dataset):
+        """The .idx must describe the .bin exactly, or samples are read at wrong offsets."""
+        index = dataset.index
+        indexed_bytes = int(index.sequence_lengths.astype(np.int64).sum()) * index.dtype_size
+        actual = os.path.getsize(path + ".bin")
+        if indexed_bytes != actual:
+            raise ValueError(
+                f"{path}.idx describes {indexed_bytes // index.dtype_size} tokens ({indexed_bytes} bytes of "
+                f"{np.dtype(index.dtype).name}) but {path}.bin holds {actual} bytes; the index belongs to another dataset"
+            )
+        ends = index.sequence_pointers.astype(np.int64) + index.sequence_lengths.astype(np.int64) * index.dtype_size
+        if len(ends) and (ends.max() > actual or (index.sequence_pointers[1:] != ends[:-1]).any()):
+            raise ValueError(f"{path}.idx: its sample offsets do not tile {path}.bin; the index belongs to another dataset")
 
     def __len__(self) -> int:
         return len(self.tokens)

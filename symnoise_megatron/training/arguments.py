@@ -13,6 +13,11 @@ from symnoise_megatron.model.config import PRESETS
 from symnoise_megatron.noise.config import NOISE_KINDS, PAIRINGS
 
 
+# Megatron-LM's --tokenizer-type names -> the kind of tokenizer the data meta records.
+TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
+                   "Llama2Tokenizer": "sentencepiece", "HuggingFaceTokenizer": "huggingface"}
+
+
 @dataclass
 class TrainingConfig:
     """Every option of ``python -m symnoise_megatron.finetune``; the flag is the field name
@@ -25,6 +30,9 @@ class TrainingConfig:
     valid_data_path: List[str] = field(default_factory=list)  # a held-out prefix; then all of --data-path trains
     seq_length: int = 512
     pack_sequences: bool = False       # several samples per row; attention and loss never cross them
+    tokenizer_model: Optional[str] = None  # Megatron-LM's flag: only checked against the data's recorded tokenizer
+    tokenizer_type: Optional[str] = None   # likewise
+    allow_tokenizer_mismatch: bool = False  # train although the data's tokenizer differs from the checkpoint's
     # model
     model: str = "tiny"                # a preset; with --load the shape comes from the checkpoint
     num_layers: Optional[int] = None   # with --model: the preset with this many layers
@@ -65,6 +73,7 @@ class TrainingConfig:
     noise_alpha: float = 5.0
     noise_pairing: str = "concat"
     noise_seed: int = 1234
+    override_noise_config: bool = False  # resume with noise settings other than the checkpoint's
     # checkpoints, evaluation, logging
     save: Optional[str] = None
     save_interval: Optional[int] = None
@@ -104,6 +113,9 @@ class TrainingConfig:
             raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
         if self.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
             raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not constant, linear, cosine or inverse-square-root")
+        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(f"--tokenizer-type {self.tokenizer_type!r}: the data can only have been tokenized by one of "
+                             f"{', '.join(TOKENIZER_TYPES)} (this fine-tune reads the tokenizer recorded in the data)")
         if self.save_interval and not self.save:
             raise ValueError("--save-interval needs --save")
         if len(self.valid_data_path) > 1:
@@ -113,7 +125,9 @@ class TrainingConfig:
                 if not os.path.exists(prefix + "_tokens.bin"):
                     raise FileNotFoundError(f"{flag} {prefix}: {prefix}_tokens.bin does not exist")
         if self.load and not paths.has_checkpoint(self.load):
-            raise FileNotFoundError(f"--load {self.load}: no {paths.TRACKER} there")
+            raise paths.missing_checkpoint_error(self.load, paths.TRACKER)
+        if self.tokenizer_model is not None and not os.path.exists(self.tokenizer_model):
+            raise FileNotFoundError(f"--tokenizer-model {self.tokenizer_model} does not exist")
 
     @property
     def split_weights(self) -> List[float]:
@@ -127,6 +141,12 @@ HELP = {
                        "comes from it and all of --data-path trains",
     "seq_length": "tokens per row; longer samples are cut",
     "pack_sequences": "pack several samples per row (attention and loss never cross samples)",
+    "tokenizer_model": "optional check, as Megatron-LM's flag: the data carries its tokenizer (recorded at preprocessing); "
+                       "a tokenizer file or directory given here must be the same one, or the run stops",
+    "tokenizer_type": "optional check: SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer or "
+                      "HuggingFaceTokenizer must match the kind of tokenizer recorded in the data",
+    "allow_tokenizer_mismatch": "train although the data was tokenized with another tokenizer than the one in the "
+                                "checkpoint's hf_assets (default: refuse, naming the differences)",
     "model": "model preset when not loading a checkpoint",
     "num_layers": "with --model: override the preset's layer count (a 7B-wide model that fits one GPU, a quick trial)",
     "load": "a megatron checkpoint directory (converted or trained)",
@@ -145,7 +165,10 @@ HELP = {
     "noise_alpha": "noise strength; scale = alpha / sqrt(L * d). Paper: Alpaca 5, Evol-Instruct 5, ShareGPT 10, OpenPlatypus 15",
     "noise_pairing": "symmetric copies: concat (doubled micro-batch) or microbatch (consecutive micro-batches)",
     "noise_seed": "seed of the counter-based noise",
-    "save": "checkpoint directory; a checkpoint already there is resumed",
+    "override_noise_config": "on resume, train on with this run's --noise-kind/--noise-alpha/--noise-seed/"
+                             "--noise-pairing although they differ from the checkpoint's (default: refuse)",
+    "save": "checkpoint directory; a checkpoint already there is resumed (after checking its files against the "
+            "checksums written at save). One run at a time: a lock file names the run holding it",
     "exit_interval": "save and exit after this many iterations",
     "exit_duration_in_mins": "save and exit after this many minutes",
     "eval_interval": "validation loss (no noise) every this many iterations",

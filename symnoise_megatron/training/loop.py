@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
+import sys
 import time
 from typing import List, Optional
 
@@ -18,6 +20,7 @@ from symnoise_megatron.checkpoint.load import load_model_weights
 from symnoise_megatron.checkpoint.verify import validate_layout
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
 from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, empty_packed_row, pack, split_indices
+from symnoise_megatron.data.tokenizer import TokenizerSpec, identity_differences
 from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import preset
 from symnoise_megatron.noise.config import NoiseConfig
@@ -25,7 +28,7 @@ from symnoise_megatron.noise.embedding import noisy_embeddings
 from symnoise_megatron.runtime.cpu import is_cpu_only
 from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, metrics
-from symnoise_megatron.training.arguments import TrainingConfig
+from symnoise_megatron.training.arguments import TOKENIZER_TYPES, TrainingConfig
 from symnoise_megatron.training.forward_step import forward_step
 from symnoise_megatron.training.optimizer import build_optimizer
 from symnoise_megatron.training.microbatch import (
@@ -48,6 +51,49 @@ def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[Mi
     full = microbatches[0].tokens.shape[1]
     length = min(full, max(multiple, -(-longest // multiple) * multiple))
     return [mb.truncated(length) for mb in microbatches] if length < full else microbatches
+
+
+NOISE_FLAGS = {"kind": "--noise-kind", "alpha": "--noise-alpha", "seed": "--noise-seed", "pairing": "--noise-pairing"}
+
+
+def check_tokenizers(cfg: TrainingConfig, datasets, checkpoint_root: Optional[str], log) -> None:
+    """The data's recorded tokenizer against --tokenizer-model/--tokenizer-type and against the
+    tokenizer in the checkpoint's hf_assets: data tokenized for another vocabulary trains
+    without an error otherwise (ids simply index other embedding rows).
+
+    ``datasets``: (flag, prefix, meta) for --data-path and --valid-data-path."""
+    if cfg.tokenizer_type:
+        expected = TOKENIZER_TYPES[cfg.tokenizer_type]
+        for flag, prefix, meta in datasets:
+            if meta["tokenizer"].get("kind") != expected:
+                raise ValueError(f"--tokenizer-type {cfg.tokenizer_type} ({expected}) does not match {flag} {prefix}, which was "
+                                 f"tokenized with a {meta['tokenizer'].get('kind')} tokenizer ({meta['tokenizer'].get('path')})")
+    if cfg.tokenizer_model:
+        given = cfg.tokenizer_model
+        spec = TokenizerSpec(model_file=given) if os.path.isfile(given) else TokenizerSpec(directory=given)
+        identity = spec.load().identity()
+        for flag, prefix, meta in datasets:
+            differences = identity_differences(meta["tokenizer"], identity)
+            if differences:
+                raise ValueError(f"--tokenizer-model {given} is not the tokenizer {flag} {prefix} was preprocessed with "
+                                 f"({meta['tokenizer'].get('path')}): {'; '.join(differences)}. The data carries its "
+                                 "tokenizer; --tokenizer-model only checks it")
+    if not checkpoint_root:
+        return
+    assets = os.path.join(checkpoint_root, paths.HF_ASSETS)
+    if not any(os.path.exists(os.path.join(assets, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        return  # a checkpoint without a tokenizer (a preset trained from scratch): nothing to compare
+    identity = TokenizerSpec(directory=assets).load().identity()
+    for flag, prefix, meta in datasets:
+        differences = identity_differences(meta["tokenizer"], identity)
+        if not differences:
+            continue
+        message = (f"{flag} {prefix} was tokenized with {meta['tokenizer'].get('path')}, which is not the tokenizer of the "
+                   f"checkpoint {checkpoint_root} ({assets}): {'; '.join(differences)}")
+        if not cfg.allow_tokenizer_mismatch:
+            raise ValueError(message + "; preprocess the data with the checkpoint's tokenizer, or pass "
+                             "--allow-tokenizer-mismatch to train anyway")
+        log("WARNING: " + message + " (--allow-tokenizer-mismatch: training anyway)")
 
 
 def _parallel(cfg: TrainingConfig, num_layers: int) -> ParallelConfig:
@@ -90,6 +136,11 @@ class Trainer:
             base = preset(cfg.model)
             self.model = dataclasses.replace(base, vocab_size=vocab, num_layers=cfg.num_layers or base.num_layers,
                                              max_position_embeddings=max(base.max_position_embeddings, cfg.seq_length))
+        datasets = [("--data-path", cfg.data_path[0], self.data.meta)]
+        if cfg.valid_data_path:
+            datasets.append(("--valid-data-path", cfg.valid_data_path[0], self.valid_data.meta))
+        checkpoint_root = cfg.save if paths.has_checkpoint(cfg.save) else cfg.load
+        check_tokenizers(cfg, datasets, checkpoint_root, log)
         if cfg.seq_length > self.model.max_position_embeddings:
             raise ValueError(f"--seq-length {cfg.seq_length} exceeds the model's {self.model.max_position_embeddings} positions")
         self.parallel = _parallel(cfg, self.model.num_layers)
@@ -113,6 +164,9 @@ class Trainer:
                 raise ValueError("--wandb-project needs the wandb package: pip install wandb") from None
         initialize_distributed(self.parallel, seed=cfg.seed)
         self.device = compute_device()
+        self._save_lock = None
+        if cfg.save:
+            self._lock_save(cfg.save)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         # Checked before any model is built: a bad batch shape or checkpoint fails at once.
@@ -120,12 +174,16 @@ class Trainer:
                                           cfg.micro_batch_size, self.dp_rank, self.dp_size)
         # A checkpoint in --save wins over --load: a requeued job reruns the same command line.
         resume = paths.has_checkpoint(cfg.save)
+        if resume:
+            checkpointing.verify_checkpoint(cfg.save, log)
         if resume and model_config_of(cfg.save) != self.model:
             raise ValueError(
                 f"--save {cfg.save} holds a checkpoint of another model ({model_config_of(cfg.save)}); "
                 f"this run builds {self.model}"
             )
         self.noise = NoiseConfig(cfg.noise_kind, cfg.noise_alpha, cfg.noise_seed, cfg.noise_pairing)
+        if resume:
+            self._check_resumed_noise(checkpointing.checkpoint_noise(cfg.save) or {})
         self.train_iters = cfg.train_iters or math.ceil(cfg.train_epochs * len(self.train_indices) / cfg.global_batch_size)
 
         params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -193,6 +251,12 @@ class Trainer:
                     f"--save {cfg.save}: this run's learning-rate schedule differs from the checkpoint's ({error}); "
                     "pass --override-opt-param-scheduler to use this run's, or --use-checkpoint-opt-param-scheduler "
                     "to keep the checkpoint's") from None
+            except (ValueError, FileNotFoundError):
+                raise
+            except Exception as error:  # an unreadable file of a checkpoint without checksums (older runs)
+                raise ValueError(
+                    f"could not read checkpoint {paths.latest_checkpoint_dir(cfg.save)} ({type(error).__name__}: {error}); "
+                    + checkpointing.previous_checkpoint(cfg.save, paths.read_tracker(cfg.save))) from error
             log(f"resumed from {paths.latest_checkpoint_dir(cfg.save)} at iteration {self.iteration}")
         elif cfg.load and cfg.save:
             checkpointing.copy_hf_assets(cfg.load, cfg.save)
@@ -210,7 +274,43 @@ class Trainer:
                                     config=dataclasses.asdict(cfg))
         self.skipped_iterations = 0
         self._stop_requested = False
+        # torchrun starts each worker in its own session: a kill -9 of torchrun alone reaches no
+        # worker. A worker sees it as a new parent process and stops (saving, as on SIGTERM).
+        self._agent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+        self._agent_gone = False
         self.history: List[dict] = []
+
+    def _lock_save(self, save: str) -> None:
+        """Rank 0 holds --save's lock for the run; every rank stops if another run holds it."""
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                self._save_lock = checkpointing.SaveLock(save, self.log)
+            except ValueError as refused:
+                error = str(refused)
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise ValueError(verdict[0])
+
+    def _check_resumed_noise(self, recorded: dict) -> None:
+        """As the learning-rate schedule: a resume with other noise settings is refused unless asked for,
+        since the next save would record the new settings over the old and hide the change."""
+        ours = self.noise.to_dict()
+        differing = [f"{NOISE_FLAGS[key]} {ours[key]} (checkpoint: {recorded[key]})"
+                     for key in NOISE_FLAGS if key in recorded and recorded[key] != ours[key]]
+        if not differing:
+            return
+        message = f"--save {self.cfg.save}: this run's noise differs from the checkpoint's: {', '.join(differing)}"
+        if not self.cfg.override_noise_config:
+            raise ValueError(message + "; pass --override-noise-config to train on with this run's settings")
+        self.log("WARNING: " + message + " (--override-noise-config: training on with this run's)")
+
+    def close(self) -> None:
+        """Let another run take --save (also at exit: the kernel drops the lock with the process)."""
+        if getattr(self, "_save_lock", None) is not None:
+            self._save_lock.release()
+            self._save_lock = None
 
     def _check_fp8_resolution(self, chunks):
         """Warn when FP8 would swallow the noise at the first layer's inputs (issue-7 analysis,
@@ -320,11 +420,21 @@ class Trainer:
         signal.signal(signal.SIGTERM, request_stop)
 
     def _should_stop(self) -> bool:
+        if self._agent is not None and os.getppid() != self._agent and not self._agent_gone:
+            self._agent_gone = self._stop_requested = True
+            print(f"rank {dist.get_rank()}: the torchrun agent (pid {self._agent}) is gone; saving and stopping",
+                  file=sys.stderr, flush=True)
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def run(self) -> List[dict]:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> List[dict]:
         cfg = self.cfg
         self._install_sigterm()
         started = time.time()
@@ -368,7 +478,8 @@ class Trainer:
                              or self.iteration == self.train_iters):
                 self.save()
             if exit_now:
-                self.log(f"exiting at iteration {self.iteration} ({'SIGTERM' if stop else 'exit condition'})")
+                reason = ("the torchrun agent is gone" if self._agent_gone else "SIGTERM") if stop else "exit condition"
+                self.log(f"exiting at iteration {self.iteration} ({reason})")
                 break
         if self.wandb is not None:
             self.wandb.finish()

@@ -35,6 +35,44 @@ def test_incomplete_output_is_refused_with_the_file_named(bundled_prefix):
         SFTIndexedData(bundled_prefix + "_nothing")
 
 
+def test_files_from_another_dataset_are_refused_with_the_file_named(bundled_prefix, run_preprocess):
+    import json
+    import shutil
+
+    # Same rows, another template: the same sample count, other lengths.
+    _, other = run_preprocess([BUNDLED_INSTRUCTIONS], prefix="other", prompt_template="vicuna_v1.1")
+    ours, theirs = output_paths(bundled_prefix), output_paths(other)
+    assert SFTIndexedData(other).meta["samples"] == SFTIndexedData(bundled_prefix).meta["samples"]
+    with open(ours["meta"]) as handle:
+        meta = json.load(handle)
+    shutil.copy(theirs["tokens"] + ".idx", ours["tokens"] + ".idx")  # .idx sizes agree: only lengths differ
+    with pytest.raises(ValueError, match=r"bundled_tokens\.idx describes \d+ tokens .*bundled_tokens\.bin holds \d+ bytes"):
+        SFTIndexedData(bundled_prefix)
+    shutil.copy(theirs["tokens"] + ".bin", ours["tokens"] + ".bin")  # now a whole other token file
+    with pytest.raises(ValueError, match=r"bundled_tokens\.bin has \d+ bytes but .*bundled_meta\.json recorded \d+"):
+        SFTIndexedData(bundled_prefix)
+    del meta["file_bytes"]  # an older meta: the per-sample comparison still catches it
+    with open(ours["meta"], "w") as handle:
+        json.dump(meta, handle)
+    with pytest.raises(ValueError, match=r"sample \d+ has \d+ tokens in .*bundled_tokens\.idx but \d+ loss-mask entries"):
+        SFTIndexedData(bundled_prefix)
+
+
+def test_an_empty_dataset_is_refused_naming_the_prefix(bundled_prefix):
+    import json
+
+    paths = output_paths(bundled_prefix)
+    for key in ("tokens", "loss_mask"):
+        for suffix in (".bin", ".idx"):
+            open(paths[key] + suffix, "wb").close()
+    with open(paths["meta"]) as handle:
+        meta = json.load(handle)
+    with open(paths["meta"], "w") as handle:
+        json.dump(dict(meta, samples=0, file_bytes={}), handle)
+    with pytest.raises(ValueError, match=f"--data-path {bundled_prefix}: the dataset is empty \\(0 samples\\)"):
+        SFTIndexedData(bundled_prefix)
+
+
 def test_split_is_a_seeded_partition():
     train, valid = split_indices(100, [98, 2], seed=1)
     assert len(train) == 98 and len(valid) == 2

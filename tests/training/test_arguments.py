@@ -27,3 +27,13 @@ def test_help_explains_the_noise_flags():
     for flag in ("--noise-kind", "--noise-alpha", "--noise-pairing", "--tensor-model-parallel-size", "--use-distributed-optimizer"):
         assert flag in text
     assert "SymNoise" in text and "alpha / sqrt(L * d)" in text
+
+
+def test_help_says_the_tokenizer_flags_only_check_the_datas_tokenizer():
+    text = " ".join(build_parser().format_help().split())
+    for flag in ("--override-noise-config", "--allow-tokenizer-mismatch", "--tokenizer-model", "--tokenizer-type"):
+        assert flag in text
+    assert "the data carries its tokenizer" in text
+    config = parse_config(["--data-path", "x", "--train-iters", "1", "--tokenizer-type", "GPT2BPETokenizer"])
+    with pytest.raises(ValueError, match="--tokenizer-type 'GPT2BPETokenizer': the data can only have been tokenized by one of"):
+        config.validate()

@@ -403,3 +403,212 @@ def test_num_layers_overrides_the_preset(data_prefix):
     config = dict(BASE, data_path=[data_prefix], load=None, finetune=False, model="tiny", num_layers=3)
     declared, built, loss = run_distributed(built_layers, 1, config)[0]
     assert declared == built == 3 and loss > 0
+
+
+def builds(configs):
+    """Build a Trainer for each config in this process group: 'built' (and its warnings) or the error."""
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    out = []
+    for config in configs:
+        warnings = []
+        try:
+            Trainer(TrainingConfig(**config), log=lambda m: warnings.append(m) if m.startswith("WARNING") else None).close()
+            out.append(" ".join(["built"] + warnings))
+        except (ValueError, FileNotFoundError) as error:
+            out.append(str(error))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def hold_lock(save):
+    """A process holding --save's lock, as a running job does; returns it once it holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from symnoise_megatron.training.checkpointing import SaveLock\n"
+                               f"lock = SaveLock({save!r})\nprint('locked', flush=True)\ntime.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def small_bpe_tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["Below is an instruction that describes a task."] * 4,
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return str(directory)
+
+
+def test_resume_checks_noise_checksums_tokenizers_and_the_lock(data_prefix, tmp_path):
+    import re
+    import socket
+
+    from symnoise_megatron.checkpoint.paths import HF_ASSETS
+    from symnoise_megatron.data import BUNDLED_TOKENIZER
+    from symnoise_megatron.training.checkpointing import MANIFEST, SaveLock
+
+    save = str(tmp_path / "run")
+    common = dict(BASE, data_path=[data_prefix], save=save, train_iters=2, save_interval=1, eval_interval=None)
+    run_distributed(train_runs, 1, [common])
+    shard = sorted(f for f in os.listdir(os.path.join(save, "iter_0000002")) if f.endswith(".distcp"))[0]
+    assert os.path.exists(os.path.join(save, "iter_0000002", MANIFEST))
+    # Damaged copies: a byte flipped (same size) and a truncated shard.
+    for name in ("flipped", "truncated"):
+        shutil.copytree(save, tmp_path / name)
+        path = tmp_path / name / "iter_0000002" / shard
+        data = bytearray(path.read_bytes())
+        if name == "flipped":
+            data[len(data) // 2] ^= 0xFF
+        path.write_bytes(data if name == "flipped" else data[: len(data) // 2])
+    (tmp_path / "unfinished" / "iter_0000001.partial").mkdir(parents=True)
+    # A checkpoint whose hf_assets hold the data's tokenizer, and one holding another tokenizer.
+    shutil.copytree(BASE["load"], tmp_path / "same_tokenizer")
+    shutil.copy(BUNDLED_TOKENIZER, tmp_path / "same_tokenizer" / HF_ASSETS / "tokenizer.model")
+    shutil.copytree(BASE["load"], tmp_path / "other_tokenizer")
+    other = small_bpe_tokenizer(tmp_path / "other_tokenizer" / HF_ASSETS)
+    fresh = dict(common, save=None, save_interval=None, train_iters=4)
+    locked = str(tmp_path / "locked")
+    holder = hold_lock(locked)
+    try:
+        messages = run_distributed(builds, 1, [
+            dict(common, noise_kind="none", noise_alpha=10.0),
+            dict(common, noise_seed=7, override_noise_config=True),
+            dict(common, save=str(tmp_path / "flipped")),
+            dict(common, save=str(tmp_path / "truncated")),
+            dict(fresh, load=str(tmp_path / "unfinished")),
+            dict(fresh, load=str(tmp_path / "same_tokenizer"), tokenizer_model=BUNDLED_TOKENIZER,
+                 tokenizer_type="GPTSentencePieceTokenizer"),
+            dict(fresh, load=str(tmp_path / "other_tokenizer")),
+            dict(fresh, load=str(tmp_path / "other_tokenizer"), allow_tokenizer_mismatch=True),
+            dict(fresh, tokenizer_model=other),
+            dict(fresh, tokenizer_type="HuggingFaceTokenizer"),
+            dict(common, save=locked),
+        ])[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    noise, overridden, flipped, truncated, unfinished, same, mismatch, allowed, given, kind, lock = messages
+    assert noise == (f"--save {save}: this run's noise differs from the checkpoint's: --noise-kind none (checkpoint: symmetric), "
+                     "--noise-alpha 10.0 (checkpoint: 5.0); pass --override-noise-config to train on with this run's settings")
+    assert overridden.startswith("built WARNING: ") and "--noise-seed 7 (checkpoint: 1234)" in overridden
+    for message, what in ((flipped, " is corrupted: its SHA-256 differs"), (truncated, r" has \d+ bytes, the save wrote \d+")):
+        assert re.search(re.escape(f"iter_0000002/{shard}") + what, message), message
+        assert "the previous good checkpoint is iteration 1" in message
+    assert "holds only an unfinished save (iter_0000001.partial)" in unfinished
+    assert same == "built"
+    assert mismatch.startswith(f"--data-path {data_prefix} was tokenized with {BUNDLED_TOKENIZER}, which is not the tokenizer "
+                               f"of the checkpoint {tmp_path / 'other_tokenizer'}")
+    assert "vocab_size: 1024 != 291" in mismatch and "--allow-tokenizer-mismatch" in mismatch
+    assert allowed.startswith("built WARNING: ") and "vocab_size: 1024 != 291" in allowed
+    assert given.startswith(f"--tokenizer-model {other} is not the tokenizer --data-path {data_prefix} was preprocessed with")
+    assert "--tokenizer-type HuggingFaceTokenizer (huggingface) does not match" in kind
+    assert lock.startswith(f"--save {locked} is in use by another run") and f"'pid': {holder.pid}" in lock
+    assert f"'host': '{socket.gethostname()}'" in lock
+    # The holder is dead: its lock file is taken over, with a warning naming it.
+    taken = []
+    SaveLock(locked, log=taken.append).release()
+    assert len(taken) == 1 and f"pid {holder.pid} on {socket.gethostname()}, no longer running" in taken[0]
+
+
+def save_with_a_slow_writer(config, record):
+    """Train with megatron-core's forked checkpoint writers stalled: each records its pid and its
+    parent's, then waits, long enough for the test to SIGKILL the saving rank."""
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.write_preloaded_data
+
+    def stalled(*args, **kwargs):
+        with open(record, "a") as handle:
+            handle.write(f"{os.getpid()} {os.getppid()}\n")
+        time.sleep(120)
+        return original(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(stalled)
+    return train_runs([config])
+
+
+def test_checkpoint_writers_die_with_a_killed_saver(data_prefix, tmp_path):
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    record = tmp_path / "writers"
+    config = dict(BASE, data_path=[data_prefix], save=str(tmp_path / "run"), train_iters=1, eval_interval=None)
+    failures = []
+    runner = threading.Thread(target=lambda: failures.append(pytest.raises(RuntimeError, run_distributed,
+                                                                           save_with_a_slow_writer, 1, config, str(record))))
+    runner.start()
+    deadline = time.time() + 240
+    while not (record.exists() and record.read_text().endswith("\n")) and time.time() < deadline:
+        time.sleep(0.2)
+    writer, saver = map(int, record.read_text().split("\n")[0].split())
+    # The forked writers and the Manager process serving their results queue.
+    helpers = [child.pid for child in psutil.Process(saver).children(recursive=True)]
+    assert writer in helpers and len(helpers) >= 2
+    os.kill(saver, signal.SIGKILL)
+    runner.join(60)
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, helpers)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [" ".join(psutil.Process(pid).cmdline())[:80] for pid in helpers if alive(pid)]
+    assert not left, f"checkpoint writers outlived the rank that started them: {left}"
+    assert failures and "died" in str(failures[0].value)
+
+
+def test_workers_save_and_stop_when_torchrun_is_killed(data_prefix, tmp_path):
+    # torchrun starts each worker in its own session: a kill -9 of torchrun alone reaches none.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    save = str(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "symnoise_megatron.finetune", "--data-path", data_prefix, "--load", BASE["load"], "--finetune",
+               "--save", save, "--train-iters", "100000", "--global-batch-size", "4", "--micro-batch-size", "2",
+               "--seq-length", "64", "--log-interval", "1", "--lr-warmup-fraction", "0"]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        for line in agent.stdout:
+            if " iteration        1/" in line:
+                break
+        workers = [child for child in psutil.Process(agent.pid).children(recursive=True) if "finetune" in " ".join(child.cmdline())]
+        assert workers
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=120)
+        assert not alive, "workers trained on after torchrun was killed"
+    finally:
+        agent.kill()
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    assert read_tracker(save) >= 1  # they saved before stopping
+    assert "the torchrun agent (pid" in agent.stderr.read()
