@@ -582,7 +582,6 @@ def test_workers_save_and_stop_when_torchrun_is_killed(data_prefix, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
 
