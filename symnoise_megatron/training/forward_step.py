@@ -33,6 +33,13 @@ def packs_in_thd(model, microbatch: MicroBatch) -> bool:
     return microbatch.lengths.dim() == 2 and any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
 
 
+def schedule_shape(model, microbatch: MicroBatch, rows: int):
+    """(seq_length, micro_batch_size) the pipeline schedule shapes its stage buffers with:
+    packed rows on the thd path travel as one row of ``rows * s`` tokens."""
+    seq = microbatch.tokens.shape[1]
+    return (rows * seq, 1) if packs_in_thd(model, microbatch) else (seq, rows)
+
+
 def _check_thd_input(model, rows: int, seq: int) -> None:
     """A later pipeline stage must receive the rows laid end to end ([b * s, 1, h]); the
     schedule shapes its buffers from the ``seq_length`` and ``micro_batch_size`` it was given."""

@@ -29,7 +29,7 @@ from symnoise_megatron.runtime.cpu import is_cpu_only
 from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, metrics
 from symnoise_megatron.training.arguments import TOKENIZER_TYPES, TrainingConfig
-from symnoise_megatron.training.forward_step import forward_step
+from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.optimizer import build_optimizer
 from symnoise_megatron.training.microbatch import (
     MicroBatch, concatenate, microbatch_rows, microbatches_per_step, paired_microbatches,
@@ -350,10 +350,11 @@ class Trainer:
 
         paired = [mb.to(self.device) for mb in paired_microbatches(microbatches, noise)]
         iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
+        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], microbatch_rows(microbatches[0].size, noise))
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=microbatches[0].tokens.shape[1],
-            micro_batch_size=microbatch_rows(microbatches[0].size, noise), forward_only=forward_only,
+            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=seq_length,
+            micro_batch_size=rows, forward_only=forward_only,
         )
         return self._global_loss(reports)
 

@@ -116,3 +116,15 @@ def test_the_forward_step_passes_thd_params_only_on_the_transformer_engine_path(
     # The loss adds the same tokens' losses whichever layout the model saw.
     flat_index = torch.arange(packed.tokens.numel(), dtype=torch.float32)
     assert float(losses["te_packed"]) == float((flat_index * packed.loss_mask.reshape(-1)).sum())
+
+
+def test_the_pipeline_schedule_passes_packed_rows_on_the_thd_path_as_one_row():
+    # Stages exchange [s, b, h] buffers shaped from (seq_length, micro_batch_size): on the thd
+    # path a doubled micro-batch of 4 packed rows travels as one row of 4 * SEQ tokens.
+    from symnoise_megatron.training.forward_step import schedule_shape
+
+    packed = concatenate(packed_rows()).doubled()
+    padded = collate([sample(0, 5), sample(1, 3)], SEQ)
+    assert schedule_shape(RecordingModel(True), packed, rows=4) == (4 * SEQ, 1)
+    assert schedule_shape(RecordingModel(False), packed, rows=4) == (SEQ, 4)
+    assert schedule_shape(RecordingModel(True), padded, rows=2) == (SEQ, 2)
