@@ -17,7 +17,7 @@ source "$(dirname "$0")/hparams.sh"
 OUT=${OUT:-runs/$PRESET-$DATASET-$NOISE_KIND}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 # torch's torchrun reads this where it has --shutdown-timeout; older ones kill after 30 s.
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}  # the sbatch lead time
 if [ "$NNODES" -gt 1 ]; then
   : "${MASTER_ADDR:?address of the first node (NNODES > 1)}"
   rendezvous=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
