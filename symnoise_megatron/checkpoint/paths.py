@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 from typing import Callable, List, Optional
@@ -107,6 +108,20 @@ def write_info(root: str, info: dict) -> None:
     os.replace(temporary, os.path.join(root, INFO))
 
 
+def _in_process_write_results():
+    """megatron-core's checkpoint writer passes its results through a queue served by a helper
+    process that it spawns at the first save (re-importing the entry point: seconds) and keeps.
+    SLURM sends SIGTERM to every process of a job step (time limit, scancel, preemption), so
+    the signal that asks for a final save killed the helper and the save with it. These saves
+    are synchronous: the results never leave this process, and a plain queue carries them."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if hasattr(filesystem_async, "_results_queue") and not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, info: dict,
                     before_publish: Optional[Callable[[str], None]] = None) -> str:
     """Write one iteration (None: ``release``) with megatron-core dist_checkpointing, all ranks.
@@ -127,6 +142,7 @@ def save_atomically(root: str, iteration: Optional[int], sharded_state: dict, in
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
+    _in_process_write_results()
     dist_checkpointing.save(sharded_state, staging)
     dist.barrier()
     if before_publish is not None:

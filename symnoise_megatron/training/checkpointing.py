@@ -66,31 +66,6 @@ def _die_with_parent() -> None:
     _saving_parent = os.getpid()  # a writer's own children are tied to the writer
 
 
-def _serve_until_parent_dies(parent: int) -> None:
-    """Initializer of the results-queue manager process (spawned, so no fork hook runs in it)."""
-    if _set_parent_death_signal() and os.getppid() != parent:
-        os._exit(1)
-
-
-_results_manager = None
-
-
-def _results_queue_dies_with_us() -> None:
-    """megatron-core's writers report through a queue served by a spawned Manager process that
-    outlives a killed trainer (parent PID 1); start that Manager ourselves, tied to this process."""
-    global _results_manager
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", False) is not None or _results_manager is not None:
-        return
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _results_manager.start(initializer=_serve_until_parent_dies, initargs=(os.getpid(),))
-    filesystem_async._results_queue = _results_manager.Queue()
-
-
 class _WritersDieWithSaver:
     """While a save runs, every process forked from this one gets SIGKILL when it loses its parent."""
 
@@ -99,7 +74,6 @@ class _WritersDieWithSaver:
         if not _fork_hook_installed:
             os.register_at_fork(after_in_child=_die_with_parent)  # cannot be unregistered: gated by _saving_parent
             _fork_hook_installed = True
-        _results_queue_dies_with_us()
         _saving_parent = os.getpid()
 
     def __exit__(self, *exc):

@@ -67,7 +67,7 @@ def test_every_ranked_layout_is_valid_and_fitting_ones_come_first():
 
 @pytest.mark.parametrize("nodes, gpus", [(8, 64), (16, 128)])
 def test_the_70b_slurm_example_uses_the_recommended_layout(nodes, gpus):
-    script = (Path(__file__).parents[2] / "examples" / "slurm_llama2_70b_fp8.sbatch").read_text()
+    script = (Path(__file__).parents[2] / "examples" / "hparams.sh").read_text()
     tp, pp = re.search(rf"^\s*{nodes}\)\s+TP=(\d+) PP=(\d+) ;;", script, re.M).groups()
     best = ranked_plans(PlanInputs(preset("llama2-70b"), seq_length=512, global_batch_size=128, gpus=gpus,
                                    fp8=True, pairing="microbatch"))[0]

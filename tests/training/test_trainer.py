@@ -557,9 +557,9 @@ def test_checkpoint_writers_die_with_a_killed_saver(data_prefix, tmp_path):
     while not (record.exists() and record.read_text().endswith("\n")) and time.time() < deadline:
         time.sleep(0.2)
     writer, saver = map(int, record.read_text().split("\n")[0].split())
-    # The forked writers and the Manager process serving their results queue.
+    # The forked writers (their results queue stays in the rank: checkpoint.paths.save_atomically).
     helpers = [child.pid for child in psutil.Process(saver).children(recursive=True)]
-    assert writer in helpers and len(helpers) >= 2
+    assert writer in helpers
     os.kill(saver, signal.SIGKILL)
     runner.join(60)
 
