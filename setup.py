@@ -19,6 +19,8 @@ setup(
         "megatron-core>=0.16.1,<0.17",
         "numpy",
         "sentencepiece",
+        # SentencePiece's model proto: one tokenization per sample in preprocessing.
+        "protobuf",
         "datasets",
         "safetensors",
         "tqdm",

@@ -398,7 +398,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(prefix: str) -> List[str]:
     """Temporary files of interrupted runs on this prefix (``*.tmp-PID*``, PID dead): removed."""
     removed = []
-    for path in glob.glob(glob.escape(prefix) + "_*.tmp-*"):
+    # This prefix's own outputs only: data/alpaca must not touch data/alpaca_gpt4's files.
+    candidates = [p for out in output_paths(prefix).values() for p in glob.glob(glob.escape(out) + ".tmp-*")]
+    for path in candidates:
         match = re.search(r"\.tmp-(\d+)(\.bin|\.idx)?$", path)
         if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
             os.remove(path)
@@ -424,6 +426,10 @@ def preprocess(config: PreprocessConfig) -> dict:
     out = output_paths(config.output_prefix)
     folder = os.path.dirname(os.path.abspath(config.output_prefix))
     dtype = token_dtype(tokenizer)
+    total_rows = None
+    if config.progress:  # before any file is opened: a bad input leaves nothing behind
+        row_counts = [readers.count_rows(p) for p in paths]
+        total_rows = sum(row_counts) if None not in row_counts else None
     temporary = {key: f"{path}.tmp-{os.getpid()}" for key, path in out.items()}
     try:
         os.makedirs(folder, exist_ok=True)
@@ -437,10 +443,6 @@ def preprocess(config: PreprocessConfig) -> dict:
     dropped, skipped, boundaries = Counter(), Counter(), Counter()
     skipped_examples: List[str] = []
     all_lengths: List[np.ndarray] = []
-    total_rows = None
-    if config.progress:
-        row_counts = [readers.count_rows(p) for p in paths]
-        total_rows = sum(row_counts) if None not in row_counts else None
     bar = tqdm(total=total_rows, unit="rows", desc="preprocess", disable=not config.progress, dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")
     pool = None

@@ -31,12 +31,12 @@ class SFTIndexedData:
             )
         with open(paths["meta"], encoding="utf-8") as handle:
             self.meta = json.load(handle)
+        self._check_file_sizes(prefix, paths)  # first: a .bin truncated to nothing is damage, not emptiness
         if self.meta.get("samples") == 0 or os.path.getsize(paths["tokens"] + ".bin") == 0:
             raise ValueError(
                 f"--data-path {prefix}: the dataset is empty (0 samples); its preprocessing kept nothing, see "
                 f"'dropped' and 'skipped_rows' in {paths['meta']}"
             )
-        self._check_file_sizes(prefix, paths)
         self.tokens = IndexedDataset(paths["tokens"])
         self.loss_mask = IndexedDataset(paths["loss_mask"])
         if not (len(self.tokens) == len(self.loss_mask) == self.meta["samples"]):

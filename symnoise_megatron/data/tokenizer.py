@@ -132,7 +132,10 @@ class SentencePieceTokenizer(Tokenizer):
         """Bytes of input text each piece covers, where the model's normaliser is the identity
         (LLaMA's, the bundled one): then a piece's span is its surface, and a sample's spans
         are a running sum, with no second pass through the tokenizer. Else None."""
-        from sentencepiece import sentencepiece_model_pb2
+        try:
+            from sentencepiece import sentencepiece_model_pb2  # needs protobuf
+        except ImportError:
+            return None  # the two-pass rule places every boundary: same files, slower
 
         proto = sentencepiece_model_pb2.ModelProto()
         with open(self.file, "rb") as handle:

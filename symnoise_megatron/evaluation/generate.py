@@ -213,11 +213,11 @@ def meta_path(output_path: str) -> str:
 
 def _check_generator(output_path: str, identity: Dict, answered: int) -> None:
     path = meta_path(output_path)
-    if not os.path.exists(path):
-        if answered:
-            raise ValueError(f"{output_path}: no {os.path.basename(path)} beside it, so the generator of its {answered} "
-                             "answers is unknown; use another output file (or delete this one to start over)")
+    if not answered:  # nothing to mix with: the record is rewritten for this generator
         return
+    if not os.path.exists(path):
+        raise ValueError(f"{output_path}: no {os.path.basename(path)} beside it, so the generator of its {answered} "
+                         "answers is unknown; use another output file (or delete this one to start over)")
     try:
         with open(path, encoding="utf-8") as handle:
             recorded = json.load(handle)["generator"]

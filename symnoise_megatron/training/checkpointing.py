@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import time
+import zlib
 from dataclasses import asdict
 from typing import Optional
 
@@ -103,18 +104,19 @@ def _gather(mine):
     return everything
 
 
-def _writer(name: str, index: int, world: int) -> int:
+def _writer(name: str, world: int) -> int:
     """The rank that wrote a torch_dist shard (``__<rank>_<n>.distcp``), whose page cache still
     holds it; other files go round the ranks."""
     match = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
-    return (int(match.group(1)) if match else index) % world
+    # Other files by their name alone: ranks may list a shared file system differently.
+    return (int(match.group(1)) if match else zlib.crc32(name.encode())) % world
 
 
 def write_manifest(directory: str) -> None:
     """Every rank hashes the shards it wrote; rank 0 writes the manifest (before the rename)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
-            for index, name in enumerate(_files(directory)) if _writer(name, index, world) == rank}
+            for name in _files(directory) if _writer(name, world) == rank}
     entries = {name: entry for share in _gather(mine) for name, entry in share.items()}
     if dist.get_rank() == 0:
         temporary = os.path.join(directory, MANIFEST + ".tmp")
@@ -197,11 +199,11 @@ class SaveLock:
     free: it is taken over, with a warning naming the run that left it."""
 
     def __init__(self, root: str, log=print):
-        self.path = os.path.join(root, LOCK)
+        self.path, self.fd = os.path.join(root, LOCK), None
         try:
             os.makedirs(root, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError as error:
+        except OSError as error:  # read-only, full, permissions
             raise ValueError(f"--save {root} is not writable ({error.strerror}: {error.filename})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,9 +222,13 @@ class SaveLock:
             log(f"WARNING: taking over the lock of a run that is gone (pid {left.get('pid')} on {left.get('host')}"
                 f"{', no longer running' if dead else ''}) in {self.path}")
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, record.encode(), 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, record.encode(), 0)
+            os.fsync(self.fd)
+        except OSError as error:
+            self.release()
+            raise ValueError(f"--save {root}: cannot write its lock file {self.path} ({error.strerror})") from None
 
     def _holder(self) -> Optional[dict]:
         try:
@@ -232,10 +238,12 @@ class SaveLock:
             return {"pid": "?", "host": "?"}
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # a clean exit leaves nothing to take over
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
+        if getattr(self, "fd", None) is not None:
+            try:
+                os.ftruncate(self.fd, 0)  # a clean exit leaves nothing to take over
+            finally:
+                os.close(self.fd)  # closing drops the flock
+                self.fd = None
 
     __del__ = release
 

@@ -63,11 +63,14 @@ def check_tokenizers(cfg: TrainingConfig, datasets, checkpoint_root: Optional[st
 
     ``datasets``: (flag, prefix, meta) for --data-path and --valid-data-path."""
     if cfg.tokenizer_type:
+        # A type names a file format, not a vocabulary: LLaMA's tokenizer ships as tokenizer.model
+        # and tokenizer.json alike, so another format is only worth a word; identities decide.
         expected = TOKENIZER_TYPES[cfg.tokenizer_type]
         for flag, prefix, meta in datasets:
             if meta["tokenizer"].get("kind") != expected:
-                raise ValueError(f"--tokenizer-type {cfg.tokenizer_type} ({expected}) does not match {flag} {prefix}, which was "
-                                 f"tokenized with a {meta['tokenizer'].get('kind')} tokenizer ({meta['tokenizer'].get('path')})")
+                log(f"WARNING: --tokenizer-type {cfg.tokenizer_type} names a {expected} tokenizer; {flag} {prefix} was "
+                    f"tokenized from a {meta['tokenizer'].get('kind')} file ({meta['tokenizer'].get('path')}). Training uses "
+                    "the data's tokens; the checks against --tokenizer-model and the checkpoint's tokenizer decide")
     if cfg.tokenizer_model:
         given = cfg.tokenizer_model
         spec = TokenizerSpec(model_file=given) if os.path.isfile(given) else TokenizerSpec(directory=given)

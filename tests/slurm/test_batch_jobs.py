@@ -88,9 +88,9 @@ def test_time_limit_saves_requeues_and_the_requeued_job_finishes_the_same_run(sl
     # SLURM looks at time limits every 30 s and sends --signal's warning at the first look
     # within lead + 30 s of the limit. The job starts with room to spare; once it trains, its
     # limit drops to the next minute but one, so the next look sends USR1 (lead 120 s) while
-    # the paced training has about 40 s to go, and the limit itself is at least a minute away.
+    # the paced training has about 80 s to go, and the limit itself is at least a minute away.
     job_id, out = submit(slurm, job_env, tmp_path, "time_limit", "--time=10", "--signal=B:USR1@120",
-                         FINETUNE_MODULE="tests.slurm.paced_finetune", PACE_SECONDS=3, SAVE_INTERVAL=2)
+                         FINETUNE_MODULE="tests.slurm.paced_finetune", PACE_SECONDS=6, SAVE_INTERVAL=2)
     log_path = out / "train.log"
     slurm.wait_until(lambda: os.path.exists(log_path) and "saved checkpoint at iteration 2 " in read(log_path),
                      240, "the first checkpoint")
