@@ -21,7 +21,13 @@ def iteration_dir(root: str, iteration: Optional[int]) -> str:
     return os.path.join(root, RELEASE if iteration is None else f"iter_{iteration:07d}")
 
 
-_ITERATION = re.compile(r"iter_\d+(\.partial)?$")
+_ITERATION = re.compile(r"iter_(\d+)(\.partial)?$")
+
+
+def iteration_of(name: str) -> Optional[int]:
+    """The iteration of a finished ``iter_N`` folder's name, else None (``.partial``, others)."""
+    match = _ITERATION.match(name)
+    return int(match.group(1)) if match and not match.group(2) else None
 
 
 def unfinished_saves(root: str) -> List[str]:
@@ -49,7 +55,7 @@ def checkpoints_in(root: str) -> List[str]:
 def missing_checkpoint_error(root: str, missing: str) -> FileNotFoundError:
     """Why ``root`` has no readable checkpoint: only unfinished saves, no folder, or not a checkpoint."""
     unfinished = unfinished_saves(root)
-    finished = [name for name in os.listdir(root) if name == RELEASE or re.match(r"iter_\d+$", name)] if unfinished else []
+    finished = [name for name in os.listdir(root) if name == RELEASE or iteration_of(name) is not None] if unfinished else []
     if unfinished and not finished:
         return FileNotFoundError(
             f"{root} holds only an unfinished save ({', '.join(unfinished)}): its run stopped while writing it, "

@@ -127,14 +127,9 @@ def write_manifest(directory: str) -> None:
         os.replace(temporary, os.path.join(directory, MANIFEST))
 
 
-def _iteration_of(name: str) -> Optional[int]:
-    match = re.fullmatch(r"iter_(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
 def previous_checkpoint(root: str, iteration: Optional[int]) -> str:
     """A sentence naming the newest complete earlier iteration (files as its manifest lists them)."""
-    earlier = sorted((n for n in map(_iteration_of, os.listdir(root)) if n is not None and (iteration is None or n < iteration)),
+    earlier = sorted((n for n in map(paths.iteration_of, os.listdir(root)) if n is not None and (iteration is None or n < iteration)),
                      reverse=True)
     for candidate in earlier:
         directory = paths.iteration_dir(root, candidate)
