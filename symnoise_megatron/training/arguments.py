@@ -46,6 +46,7 @@ class TrainingConfig:
     sequence_parallel: bool = False
     context_parallel_size: int = 1
     use_distributed_optimizer: bool = False
+    dist_ckpt_optim_fully_reshardable: bool = False  # distributed optimizer: checkpoints that resume under any TP/PP
     # optimisation
     micro_batch_size: int = 1
     global_batch_size: int = 128
@@ -152,6 +153,10 @@ HELP = {
     "load": "a megatron checkpoint directory (converted or trained)",
     "finetune": "take only the weights of --load and start at iteration 0",
     "num_layers_per_virtual_pipeline_stage": "interleaved 1F1B: layers per virtual stage",
+    "use_distributed_optimizer": "shard the optimizer state over the data-parallel ranks (ZeRO-1, megatron-core's "
+                                 "DistributedOptimizer); its checkpoints resume under the same TP/PP with any DP size",
+    "dist_ckpt_optim_fully_reshardable": "with --use-distributed-optimizer: write its state per parameter (gathered over "
+                                         "the data-parallel ranks at save, slower) so that a resume may change TP and PP too",
     "train_epochs": "instead of --train-iters: epochs over the train split",
     "lr_warmup_fraction": "fraction of the iterations spent warming up the learning rate",
     "fp8_format": "e4m3 or hybrid: FP8 through Transformer Engine (GPU)",

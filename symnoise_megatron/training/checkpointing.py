@@ -11,6 +11,7 @@ forked them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -32,9 +33,100 @@ from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.checkpoint.load import model_sharded_state_dict, model_state_names
 
 
-def _state(chunks, optimizer, is_loading):
+def _state(chunks, optimizer, is_loading, optimizer_format: Optional[dict] = None):
     model_state = model_sharded_state_dict(chunks)
-    return {**model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+    metadata = {"distrib_optim_sharding_type": optimizer_format["sharding"]} if optimizer_format else None
+    return {**model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
+
+
+# The distributed optimizer's state -------------------------------------------------------
+# megatron-core 0.16's default format for it ('fully_sharded_model_space') can no longer be
+# saved (ShardedTensor.flattened_range is refused), so the format is chosen as Megatron-LM
+# does, and recorded: a resume must read the state in the format it was written in.
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+OPTIMIZER_FORMAT_KEY = "distributed_optimizer_format"
+
+
+def optimizer_format(optimizer, fully_reshardable: bool, num_chunks: int) -> Optional[dict]:
+    """How this run writes the distributed optimizer's state (None: the plain optimizer).
+
+    'dp_reshardable' (Megatron-LM's default): each rank writes its own buffers, in parallel, and
+    a resume may change only the data-parallel size. 'fully_reshardable'
+    (--dist-ckpt-optim-fully-reshardable): per-parameter state gathered over the data-parallel
+    ranks at save, any layout at resume."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not any(isinstance(part, DistributedOptimizer) for part in parts):
+        return None
+    return {"sharding": FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE,
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_stages": num_chunks}
+
+
+@contextlib.contextmanager
+def _torch_adam_state_loadable(optimizer):
+    """Let megatron-core 0.16's DistributedOptimizer load into torch's own Adam (no Transformer
+    Engine or apex: this CPU stack). That path reads the step count from torch's per-parameter
+    state before loading, which a fresh optimizer lacks (created here, zeros, as torch's first
+    step would, for the load to overwrite); its parameter-state readers then copy a per-parameter
+    step that the checkpoint does not hold (the fresh zero; the fully-reshardable reader none at all)
+    over the step count it has just restored from the parameter groups (kept instead); and its
+    DP-reshardable reader copies into views of parameters that require grad (done without autograd).
+    With Transformer Engine's Adam the step lives in the parameter groups and only the last applies."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = [part for part in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(part, DistributedOptimizer)]
+    patched = []
+    for part in parts:
+        inner = part.optimizer
+        fresh = [param for group in inner.param_groups for param in group["params"] if not inner.state.get(param)]
+        if isinstance(inner, torch.optim.Adam):  # not Transformer Engine's: its state is created by megatron-core
+            for param in fresh:
+                inner.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=param.device),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+        setter = part._set_main_param_and_optimizer_states
+
+        def keep_step(model_param, tensors, part=part, setter=setter):
+            group_index, group_order = part.model_param_group_index_map[model_param]
+            state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                # Restored as one tensor shared by all parameters, which Adam would count up once per parameter.
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+            setter(model_param, tensors)
+
+        part._set_main_param_and_optimizer_states = keep_step
+        patched.append(part)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for part in patched:
+            del part._set_main_param_and_optimizer_states  # the class's method again
+
+
+def _layout(record: dict) -> str:
+    return (f"TP {record['tensor_model_parallel_size']}, PP {record['pipeline_model_parallel_size']}, "
+            f"{record['virtual_pipeline_stages']} virtual stage(s) per rank")
+
+
+def _format_to_read(directory: str, recorded: Optional[dict], ours: Optional[dict]) -> Optional[dict]:
+    """The format to read a checkpoint's optimizer state in, or a ValueError saying why this run cannot."""
+    if (recorded is None) != (ours is None):
+        saved, now = ("with", "without") if recorded else ("without", "with")
+        raise ValueError(f"checkpoint {directory} was saved {saved} --use-distributed-optimizer and this run is {now} it: "
+                         "resume with the same setting (the two optimizers keep their state in different layouts)")
+    if recorded and recorded["sharding"] == DP_RESHARDABLE and _layout(recorded) != _layout(ours):
+        raise ValueError(f"checkpoint {directory} holds the distributed optimizer's state for {_layout(recorded)}; "
+                         f"this run is {_layout(ours)}, and that format changes only the data-parallel size: resume "
+                         "under the saved layout (a run saved with --dist-ckpt-optim-fully-reshardable resumes under any)")
+    return recorded
 
 
 MANIFEST = "symnoise_manifest.json"
@@ -243,10 +335,14 @@ class SaveLock:
     __del__ = release
 
 
-def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, noise, model, make_vocab_size_divisible_by):
-    state = _state(chunks, optimizer, is_loading=False)
+def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, noise, model, make_vocab_size_divisible_by,
+                    fully_reshardable_optimizer: bool = False):
+    written_format = optimizer_format(optimizer, fully_reshardable_optimizer, len(chunks))
+    state = _state(chunks, optimizer, is_loading=False, optimizer_format=written_format)
     state.update(iteration=iteration, opt_param_scheduler=scheduler.state_dict(),
                  sampler=sampler.state_dict(), noise=noise.to_dict())
+    if written_format:
+        state[OPTIMIZER_FORMAT_KEY] = written_format
     with _WritersDieWithSaver():
         return paths.save_atomically(root, iteration, state, {
             "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by},
@@ -265,10 +361,13 @@ def load_checkpoint(root, chunks, optimizer, scheduler, sampler) -> int:
     from megatron.core import dist_checkpointing
 
     directory = paths.latest_checkpoint_dir(root)
-    state = dist_checkpointing.load(_state(chunks, optimizer, is_loading=True), directory)
-    for chunk, name in zip(chunks, model_state_names(len(chunks))):
-        chunk.load_state_dict(state[name], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    recorded = dist_checkpointing.load_common_state_dict(directory).get(OPTIMIZER_FORMAT_KEY)
+    stored_format = _format_to_read(directory, recorded, optimizer_format(optimizer, False, len(chunks)))
+    with _torch_adam_state_loadable(optimizer) if stored_format else contextlib.nullcontext():
+        state = dist_checkpointing.load(_state(chunks, optimizer, is_loading=True, optimizer_format=stored_format), directory)
+        for chunk, name in zip(chunks, model_state_names(len(chunks))):
+            chunk.load_state_dict(state[name], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     sampler.load_state_dict(state["sampler"])
     return int(state["iteration"])

@@ -414,7 +414,8 @@ class Trainer:
     def save(self):
         target = checkpointing.save_checkpoint(
             self.cfg.save, self.iteration, [c.module for c in self.chunks], self.optimizer, self.scheduler,
-            self.sampler, self.noise, self.model, self.cfg.make_vocab_size_divisible_by)
+            self.sampler, self.noise, self.model, self.cfg.make_vocab_size_divisible_by,
+            fully_reshardable_optimizer=self.cfg.dist_ckpt_optim_fully_reshardable)
         self.log(f"saved checkpoint at iteration {self.iteration} to {target}")
 
     def _install_sigterm(self):
