@@ -37,6 +37,8 @@ def installed(tmp_path_factory):
     for name in os.listdir(REPO):
         if os.path.isfile(os.path.join(REPO, name)):
             shutil.copy(os.path.join(REPO, name), source / name)
+    # No build isolation: this venv's setuptools builds it (since 70.1 without the wheel
+    # package; torch itself requires setuptools >= 77).
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)])
     (wheel,) = (root / "dist").glob("*.whl")
