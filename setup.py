@@ -11,7 +11,23 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["symnoise_megatron", "symnoise_megatron.*"]),
+    # The bundled instructions and tokenizer: the commands' demo data, and the tests'.
     package_data={"symnoise_megatron.data": ["bundled/*.json", "bundled/*.model", "bundled/*.md"]},
+    # In a checkout, tools/*.py run the same commands (and `python -m symnoise_megatron.finetune`).
+    entry_points={
+        "console_scripts": [
+            "symnoise-preprocess = symnoise_megatron.commands.preprocess:main",
+            "symnoise-finetune = symnoise_megatron.commands.finetune:main",
+            "symnoise-convert = symnoise_megatron.commands.convert:main",
+            "symnoise-verify = symnoise_megatron.commands.verify:main",
+            "symnoise-generate = symnoise_megatron.commands.generate:main",
+            "symnoise-metrics = symnoise_megatron.commands.metrics:main",
+            "symnoise-compare = symnoise_megatron.commands.compare:main",
+            "symnoise-split = symnoise_megatron.commands.split:main",
+            "symnoise-plan = symnoise_megatron.commands.plan:main",
+            "symnoise-materialize = symnoise_megatron.commands.materialize:main",
+        ],
+    },
     install_requires=[
         "torch>=2.4",
         # Only what was run: 0.16.1 in CI (the last release for Python 3.11) and on the GPU machine

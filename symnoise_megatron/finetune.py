@@ -1,35 +1,9 @@
-"""``python -m symnoise_megatron.finetune``: the fine-tuning job (run it under torchrun)."""
+"""``python -m symnoise_megatron.finetune``: the fine-tuning job under its module name (torchrun -m),
+the same as the symnoise-finetune command (symnoise_megatron/commands/finetune.py)."""
 
 import sys
 
-import torch.distributed as dist
-
-from symnoise_megatron.cli import exits_on_user_error
-from symnoise_megatron.runtime.cpu import runtime_for_this_machine
-from symnoise_megatron.runtime.parallel import destroy_distributed
-from symnoise_megatron.training.arguments import parse_config
-
-
-@exits_on_user_error
-def main(argv=None) -> int:
-    config = parse_config(argv)
-    config.validate()
-    from symnoise_megatron.training.loop import Trainer
-
-    def rank0_print(message):
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(message, flush=True)
-
-    def run():
-        try:
-            Trainer(config, log=rank0_print).run()
-        finally:
-            destroy_distributed()
-
-    with runtime_for_this_machine():
-        run()
-    return 0
-
+from symnoise_megatron.commands.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

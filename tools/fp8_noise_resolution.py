@@ -14,7 +14,7 @@ the copies. Without --hf-dir the rows are Gaussian with --embedding-std (LLaMA's
 import argparse
 import sys
 
-from symnoise_megatron.cli import exits_on_user_error
+from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.noise.fp8_resolution import gaussian_embeddings, sampled_rows, simulate
 
 WIDTHS = {"llama2-7b": 4096, "llama2-70b": 8192}

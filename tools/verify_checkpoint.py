@@ -1,66 +1,9 @@
 #!/usr/bin/env python
-"""Check a megatron checkpoint against its Hugging Face original with transformers.
+"""``symnoise-verify`` in a checkout, with the same options (symnoise_megatron/commands/verify.py)."""
 
-  torchrun --nproc-per-node 4 tools/verify_checkpoint.py --hf-dir HF --megatron-dir MG \\
-      --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
-
-Loads the checkpoint into the project's GPTModel under the given layout (CPU and gloo
-without a GPU), runs it and transformers' model on the same random token batch, prints the
-largest absolute and relative logit differences and both losses, and exits 1 when the
-absolute difference exceeds --tolerance.
-"""
-
-import argparse
-import json
 import sys
 
-import torch.distributed as dist
-
-from symnoise_megatron.cli import exits_on_user_error
-from symnoise_megatron.runtime.cpu import runtime_for_this_machine
-from symnoise_megatron.runtime.parallel import ParallelConfig, destroy_distributed, initialize_distributed
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--megatron-dir", required=True)
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute logit difference allowed (fp32)")
-    return parser.parse_args(argv)
-
-
-def run(args):
-    from symnoise_megatron.checkpoint import paths
-    from symnoise_megatron.checkpoint.verify import compare_with_transformers
-
-    # A folder that is no checkpoint (or holds only an unfinished save) fails here, before
-    # any rank waits on another.
-    paths.read_info(args.megatron_dir)
-    paths.read_tracker(args.megatron_dir)
-    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    initialize_distributed(parallel)
-    report = compare_with_transformers(args.hf_dir, args.megatron_dir, parallel,
-                                       batch=args.batch_size, seq=args.seq_length, seed=args.seed)
-    reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, report)
-    report = next(r for r in reports if r is not None)
-    if dist.get_rank() == 0:
-        print(json.dumps({**vars(report), "tolerance": args.tolerance, "passed": report.passed(args.tolerance)}))
-    destroy_distributed()
-    return 0 if report.passed(args.tolerance) else 1
-
-
-@exits_on_user_error
-def main(argv=None):
-    args = parse_args(argv)
-    with runtime_for_this_machine():
-        return run(args)
-
+from symnoise_megatron.commands.verify import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,9 +12,11 @@ identity is refused, naming the fields that differ.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -70,7 +72,7 @@ class _Engine:
         self.seed = seed
         # Where the weights came from: the HF directory, or the megatron directory and its
         # iteration when ``hf_dir`` is a conversion made on the fly.
-        self.source = source or {"model": os.path.abspath(hf_dir), "checkpoint_iteration": None}
+        self.source = source or model_source(hf_dir)
 
     def prompt_ids(self, instruction: str, context: str = "") -> List[int]:
         ids = self.tokenizer.encode([prompt_text(self.template.name, instruction, context)])[0]
@@ -84,6 +86,33 @@ class _Engine:
 
     def identity(self, decoding: Decoding) -> Dict:
         return generator_identity(self.source, self.template.name, self.seed, decoding)
+
+
+def model_source(hf_dir: Optional[str] = None, megatron_dir: Optional[str] = None) -> Dict:
+    """The weights' origin in a generator's identity: the directory and, for a megatron
+    checkpoint, the iteration its tracker names (``release`` for a converted one)."""
+    if megatron_dir is None:
+        return {"model": os.path.abspath(hf_dir), "checkpoint_iteration": None}
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    iteration = read_tracker(megatron_dir)
+    return {"model": os.path.abspath(megatron_dir), "checkpoint_iteration": "release" if iteration is None else iteration}
+
+
+@contextlib.contextmanager
+def converted_to_hf(megatron_dir: str, source: Dict):
+    """The checkpoint that ``source`` names (its latest iteration), converted into a temporary
+    Hugging Face directory. A checkpoint saved meanwhile is refused: the answers would come
+    from other weights than the identity names."""
+    from symnoise_megatron.checkpoint.convert import megatron_to_hf
+    from symnoise_megatron.runtime.cpu import runtime_for_this_machine
+
+    with tempfile.TemporaryDirectory() as hf_dir:
+        with runtime_for_this_machine():
+            megatron_to_hf(megatron_dir, hf_dir, progress=False)
+        if model_source(megatron_dir=megatron_dir) != source:
+            raise ValueError(f"{megatron_dir}: a new checkpoint was saved while it was being converted; run again")
+        yield hf_dir
 
 
 def generator_identity(source: Dict, template: str, seed: int, decoding: Decoding) -> Dict:

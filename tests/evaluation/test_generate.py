@@ -201,3 +201,16 @@ def test_bad_settings_and_outputs_are_one_line_errors(checkpoints, tmp_path, cap
     err = capsys.readouterr().err
     assert "broken.json: not valid JSON (line 1" in err and err.count("\n") == 1
     assert not (tmp_path / "broken.json.meta").exists()
+
+
+def test_a_checkpoint_saved_during_the_conversion_is_refused(tmp_path, monkeypatch):
+    from symnoise_megatron.checkpoint import convert, paths
+    from symnoise_megatron.evaluation.generate import converted_to_hf, model_source
+
+    paths.write_tracker(str(tmp_path), 4)
+    source = model_source(megatron_dir=str(tmp_path))
+    assert source == {"model": str(tmp_path), "checkpoint_iteration": 4}
+    monkeypatch.setattr(convert, "megatron_to_hf", lambda load, save, progress: paths.write_tracker(load, 8))
+    with pytest.raises(ValueError, match="a new checkpoint was saved while it was being converted; run again"):
+        with converted_to_hf(str(tmp_path), source):
+            pass

@@ -1,4 +1,4 @@
-"""What every command-line tool shares: a user error is one line on stderr and exit code 2."""
+"""What every command shares: a user error is one line on stderr and exit code 2."""
 
 import functools
 import sys
