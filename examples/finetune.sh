@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
 # The fine-tune on one node, or on each of NNODES nodes (run it once per node with NODE_RANK
-# 0..NNODES-1 and the first node's address). Settings per PRESET and DATASET: examples/hparams.sh.
+# 0..NNODES-1 and the first node's address), with the run configs of examples/configs/: the
+# data set's recipe (DATASET: alpaca, evol_instruct, sharegpt, open_platypus) and the layout
+# of PRESET (llama2-7b, llama2-70b-fp8 on 8 or 16 nodes, cpu), in that order (later files win).
 #   PRESET=llama2-7b DATASET=alpaca NOISE_KIND=symmetric CKPT=ckpt/llama2-7b DATA=data/alpaca bash examples/finetune.sh
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 DATASET=sharegpt CKPT=... DATA=... bash examples/finetune.sh [flags]
-# CKPT: tools/convert_checkpoint.py hf-to-megatron output; DATA: tools/preprocess_data.py prefix.
-# Flags after the script go to the fine-tune, after the preset's (the last one wins).
+# CKPT: symnoise-convert hf-to-megatron output; DATA: symnoise-preprocess prefix.
+# Flags after the script go to the fine-tune and win over the files.
 # Under SLURM, examples/slurm_finetune.sbatch runs this on every node of the allocation.
 #
-# Variables: OUT (--save, default runs/...), NPROC_PER_NODE (GPUs per node), PRECISION ("" for
-# FP32), MASTER_PORT, SHUTDOWN_TIMEOUT (seconds torchrun's agent lets its workers save after
-# SIGTERM before it kills them; torchrun's own default is 30), FINETUNE_MODULE.
+# Variables: OUT (--save, default runs/PRESET-DATASET-NOISE_KIND), NOISE_KIND and NOISE_ALPHA
+# (override the recipe's), NPROC_PER_NODE (processes per node: 8 on the GPU presets, 1 on cpu),
+# CONFIGS (more run-config files after the preset's, e.g. one with `bf16: false` for FP32),
+# ITERS and SAVE_INTERVAL (cpu preset: --train-iters and --save-interval), MASTER_PORT,
+# SHUTDOWN_TIMEOUT (seconds torchrun's agent lets its workers save after SIGTERM before it
+# kills them; torchrun's own default is 30), FINETUNE_MODULE.
 set -euo pipefail
-source "$(dirname "$0")/hparams.sh"
-: "${CKPT:?converted checkpoint (tools/convert_checkpoint.py hf-to-megatron)}"
-: "${DATA:?preprocessed data prefix (tools/preprocess_data.py)}"
-OUT=${OUT:-runs/$PRESET-$DATASET-$NOISE_KIND}
+configs_dir="$(dirname "$0")/configs"
+: "${DATASET:=alpaca}" "${PRESET:=llama2-7b}" "${NNODES:=1}"
+[ -f "$configs_dir/$DATASET.yaml" ] || {
+  echo "unknown DATASET $DATASET (alpaca, evol_instruct, sharegpt, open_platypus: $configs_dir/*.yaml)" >&2; exit 2; }
+case "${NOISE_KIND:-}" in
+  ''|none|uniform|gaussian|bernoulli|symmetric) ;;
+  *) echo "unknown NOISE_KIND $NOISE_KIND" >&2; exit 2 ;;
+esac
+launch=()  # flags that depend on the launch, not on the preset
+case "$PRESET" in
+  llama2-7b) layout=llama2-7b NPROC_PER_NODE=${NPROC_PER_NODE:-8} ;;
+  llama2-70b-fp8)
+    case "$NNODES" in
+      8)  layout=llama2-70b-fp8-64gpu ;;
+      16) layout=llama2-70b-fp8-128gpu ;;
+      *) echo "PRESET=llama2-70b-fp8 runs on 8 or 16 nodes of 8 GPUs; plan a layout for $NNODES nodes with" \
+              "tools/plan_layout.py (symnoise-plan), write it to $configs_dir/layouts/ and add it here" >&2; exit 2 ;;
+    esac
+    NPROC_PER_NODE=${NPROC_PER_NODE:-8} ;;
+  cpu)
+    layout=cpu NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+    launch=(--pipeline-model-parallel-size "$((NNODES * NPROC_PER_NODE))"
+            ${ITERS:+--train-iters "$ITERS"} ${SAVE_INTERVAL:+--save-interval "$SAVE_INTERVAL"}) ;;
+  *) echo "unknown PRESET $PRESET (llama2-7b, llama2-70b-fp8, cpu)" >&2; exit 2 ;;
+esac
+: "${CKPT:?converted checkpoint (symnoise-convert hf-to-megatron)}"
+: "${DATA:?preprocessed data prefix (symnoise-preprocess)}"
+OUT=${OUT:-runs/$PRESET-$DATASET-${NOISE_KIND:-symmetric}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 # torch's torchrun reads this where it has --shutdown-timeout; older ones kill after 30 s.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}  # the sbatch lead time
@@ -24,11 +53,11 @@ if [ "$NNODES" -gt 1 ]; then
 else
   rendezvous=(--standalone)  # a free port: several one-node jobs can share a machine
 fi
-logging=()
-[ "$PRESET" = cpu ] || logging=(--tensorboard-dir "$OUT/tensorboard")
+[ "$PRESET" = cpu ] || launch+=(--tensorboard-dir "$OUT/tensorboard")
+read -ra extra_configs <<< "${CONFIGS:-}"
 # exec: the signals SLURM sends to this task reach torchrun itself, which passes them on.
-# shellcheck disable=SC2086  # PRECISION is a list of flags
 exec "${TORCHRUN:-torchrun}" "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
   -m "${FINETUNE_MODULE:-symnoise_megatron.finetune}" \
-  --load "$CKPT" --finetune --save "$OUT" --data-path "$DATA" "${logging[@]}" \
-  $PRECISION "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "$@"
+  --config "$configs_dir/$DATASET.yaml" "$configs_dir/layouts/$layout.yaml" "${extra_configs[@]}" \
+  --load "$CKPT" --finetune --save "$OUT" --data-path "$DATA" "${launch[@]}" \
+  ${NOISE_KIND:+--noise-kind "$NOISE_KIND"} ${NOISE_ALPHA:+--noise-alpha "$NOISE_ALPHA"} "$@"

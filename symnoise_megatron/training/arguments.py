@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Instruction fine-tuning with noisy embeddings (SymNoise) on megatron-core. "
         "Run under torchrun; without a GPU it runs on CPU with gloo.",
     )
-    parser.add_argument("--config", help="YAML or JSON file whose keys are these flags' names (command line wins)")
+    parser.add_argument("--config", nargs="+", help="YAML or JSON files whose keys are these flags' names "
+                        "(later files win, the command line wins over all)")
     for item in fields(TrainingConfig):
         default = item.default if item.default is not item.default_factory else None
         kind = item.type if isinstance(item.type, str) else item.type.__name__
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> TrainingConfig:
     args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
-    values = load_config_file(config_file) if config_file else {}
+    values = {}
+    for config_file in args.pop("config") or ():
+        values.update(load_config_file(config_file))
     values.update({k: v for k, v in args.items() if v is not None})
     known = {f.name for f in fields(TrainingConfig)}
     unknown = set(values) - known

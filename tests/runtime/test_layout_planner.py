@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from symnoise_megatron.model.config import ModelConfig, preset
 from symnoise_megatron.runtime.layout_planner import PlanInputs, plan, ranked_plans, stage_parameters
@@ -67,8 +68,12 @@ def test_every_ranked_layout_is_valid_and_fitting_ones_come_first():
 
 @pytest.mark.parametrize("nodes, gpus", [(8, 64), (16, 128)])
 def test_the_70b_slurm_example_uses_the_recommended_layout(nodes, gpus):
-    script = (Path(__file__).parents[2] / "examples" / "hparams.sh").read_text()
-    tp, pp = re.search(rf"^\s*{nodes}\)\s+TP=(\d+) PP=(\d+) ;;", script, re.M).groups()
+    examples = Path(__file__).parents[2] / "examples"
+    layout = f"llama2-70b-fp8-{gpus}gpu"
+    # examples/finetune.sh picks this layout file for this many nodes of 8 GPUs.
+    assert re.search(rf"^\s*{nodes}\)\s+layout={layout} ;;", (examples / "finetune.sh").read_text(), re.M)
+    values = yaml.safe_load((examples / "configs" / "layouts" / f"{layout}.yaml").read_text())
     best = ranked_plans(PlanInputs(preset("llama2-70b"), seq_length=512, global_batch_size=128, gpus=gpus,
                                    fp8=True, pairing="microbatch"))[0]
-    assert (best.tp, best.pp) == (int(tp), int(pp)) and "--noise-pairing microbatch" in script
+    assert (best.tp, best.pp) == (values["tensor_model_parallel_size"], values["pipeline_model_parallel_size"])
+    assert values["noise_pairing"] == "microbatch"

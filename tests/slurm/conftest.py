@@ -43,7 +43,7 @@ def _convert(hf_dir, megatron_dir):
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
     """(CKPT, DATA): a tiny LLaMA for the bundled tokenizer, converted, and the bundled
-    instructions preprocessed, as the CPU preset of examples/hparams.sh expects them."""
+    instructions preprocessed, as the cpu preset (examples/configs/layouts/cpu.yaml) expects them."""
     from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
     from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
     from symnoise_megatron.data.tokenizer import TokenizerSpec
