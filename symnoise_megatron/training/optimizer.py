@@ -1,7 +1,8 @@
-"""megatron-core's optimizer, with a fused Adam kernel wherever the machine has one."""
+"""megatron-core's optimizer and learning-rate schedule, with a fused Adam kernel wherever the machine has one."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from unittest import mock
 
@@ -33,3 +34,34 @@ def build_optimizer(optimizer_config, chunks):
     )
     with fused_adam:
         return get_megatron_optimizer(optimizer_config, chunks)
+
+
+def build_optimizer_and_scheduler(config, chunks, train_iters: int):
+    """Adam (or its distributed form) over ``chunks`` and Megatron-LM's learning-rate and
+    weight-decay schedule over ``train_iters`` iterations. ``config``: a TrainingConfig."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    options = config.optimizer
+    optimizer = build_optimizer(
+        OptimizerConfig(optimizer="adam", lr=options.lr, min_lr=options.min_lr, weight_decay=options.weight_decay,
+                        adam_beta1=options.adam_beta1, adam_beta2=options.adam_beta2, clip_grad=options.clip_grad,
+                        bf16=config.precision.bf16, params_dtype=config.precision.params_dtype,
+                        use_distributed_optimizer=config.parallelism.use_distributed_optimizer),
+        chunks,
+    )
+    warmup = int(options.lr_warmup_fraction * train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=options.lr, min_lr=options.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=train_iters, lr_decay_style=options.lr_decay_style, start_wd=options.weight_decay,
+        end_wd=options.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+        override_opt_param_scheduler=options.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=options.use_checkpoint_opt_param_scheduler,
+    )
+    return optimizer, scheduler
+
+
+def train_iterations(config, train_samples: int) -> int:
+    """--train-iters, or the iterations of --train-epochs over ``train_samples``."""
+    options = config.optimizer
+    return options.train_iters or math.ceil(options.train_epochs * train_samples / options.global_batch_size)

@@ -23,7 +23,7 @@ def main():
     def paced_train_step(self):
         result = train_step(self)
         resume_at = time.time() + pace
-        while time.time() < resume_at and not getattr(self, "_stop_requested", False):
+        while time.time() < resume_at and not self.stop.stop_requested:
             time.sleep(0.05)
         return result
 

@@ -2,24 +2,63 @@
 
 import pytest
 
-from symnoise_megatron.training.arguments import build_parser, parse_config
+from symnoise_megatron.training.arguments import TrainingConfig, build_parser, parse_config
 
 
 def test_megatron_flag_names_and_config_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("tensor-model-parallel-size: 2\nnoise_kind: uniform\nnoise-alpha: 10\nlr: 1.0e-5\n")
     config = parse_config(["--config", str(path), "--noise-alpha", "15", "--data-path", "x", "--train-iters", "3"])
-    assert config.tensor_model_parallel_size == 2 and config.noise_kind == "uniform"
-    assert config.noise_alpha == 15.0  # the command line wins over the file
-    assert config.lr == 1e-5 and config.data_path == ["x"] and config.train_iters == 3
-    assert config.global_batch_size == 128 and config.seq_length == 512  # documented defaults
+    assert config.parallelism.tensor_model_parallel_size == 2 and config.noise.noise_kind == "uniform"
+    assert config.noise.noise_alpha == 15.0  # the command line wins over the file
+    assert config.optimizer.lr == 1e-5 and config.data.data_path == ["x"] and config.optimizer.train_iters == 3
+    assert config.optimizer.global_batch_size == 128 and config.data.seq_length == 512  # documented defaults
 
 
 def test_unknown_config_keys_are_refused(tmp_path):
     path = tmp_path / "run.json"
     path.write_text('{"tensor_parallel": 2}')
-    with pytest.raises(ValueError, match="unknown configuration keys: \\['tensor_parallel'\\]"):
+    with pytest.raises(ValueError, match="unknown configuration keys: \\['tensor_parallel'\\]") as refused:
         parse_config(["--config", str(path)])
+    assert str(path) in str(refused.value)  # the file that holds them
+    with pytest.raises(ValueError, match="unknown configuration keys: \\['tensor_parallel'\\]"):
+        TrainingConfig.from_flags(tensor_parallel=2)
+
+
+def test_later_config_files_win_and_the_command_line_over_all(tmp_path):
+    data_set, layout = tmp_path / "alpaca.yaml", tmp_path / "tp2.yaml"
+    data_set.write_text("noise-alpha: 5\nlr: 1.0e-5\ntensor-model-parallel-size: 1\ntrain-iters: 100\n")
+    layout.write_text("tensor-model-parallel-size: 2\nsequence-parallel: true\n")
+    config = parse_config(["--config", str(data_set), str(layout), "--data-path", "x", "--lr", "2e-5"])
+    assert config.parallelism.tensor_model_parallel_size == 2 and config.parallelism.sequence_parallel
+    assert config.noise.noise_alpha == 5.0 and config.optimizer.train_iters == 100 and config.optimizer.lr == 2e-5
+
+
+def test_flat_flags_round_trip_through_the_sections():
+    config = TrainingConfig.from_flags(data_path=["x"], seq_length=256, pipeline_model_parallel_size=2, noise_kind="none",
+                                       save="ckpt", eval_interval=5, bf16=True, load="m")
+    assert (config.data.seq_length, config.parallelism.pipeline_model_parallel_size, config.noise.noise_kind,
+            config.checkpoint.save, config.logging.eval_interval, config.precision.bf16, config.model.load) == (
+            256, 2, "none", "ckpt", 5, True, "m")
+    assert TrainingConfig.from_flags(**config.flags()) == config
+    assert set(config.flags()) == {action.dest for action in build_parser()._actions} - {"help", "config"}
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("data", dict(data_path=[]), "--data-path is required"),
+    ("parallelism", dict(context_parallel_size=2), "--context-parallel-size > 1 is not supported"),
+    ("optimizer", dict(train_iters=None), "give exactly one of --train-iters and --train-epochs"),
+    ("model", dict(model="gpt-17"), "--model 'gpt-17' is not a preset"),
+    ("noise", dict(noise_pairing="interleaved"), "--noise-pairing one of"),
+    ("checkpoint", dict(save_interval=5), "--save-interval needs --save"),
+])
+def test_each_section_validates_itself(section, values, message):
+    from symnoise_megatron.training.arguments import SECTIONS
+
+    defaults = dict(data=dict(data_path=["x"]), optimizer=dict(train_iters=1))
+    options = SECTIONS[section](**dict(defaults.get(section, {}), **values))
+    with pytest.raises(ValueError, match=message):
+        options.validate()
 
 
 def test_help_explains_the_noise_flags():
@@ -27,6 +66,8 @@ def test_help_explains_the_noise_flags():
     for flag in ("--noise-kind", "--noise-alpha", "--noise-pairing", "--tensor-model-parallel-size", "--use-distributed-optimizer"):
         assert flag in text
     assert "SymNoise" in text and "alpha / sqrt(L * d)" in text
+    # The paper's alpha per data set lives in the run configs, not in the help.
+    assert "examples/configs/" in text and "ShareGPT 10" not in text
 
 
 def test_help_says_the_tokenizer_flags_only_check_the_datas_tokenizer():

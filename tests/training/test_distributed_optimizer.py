@@ -16,7 +16,7 @@ def train_or_error(runs):
     out = []
     for kwargs in runs:
         try:
-            out.append([record["loss"] for record in Trainer(TrainingConfig(**kwargs), log=lambda message: None).run()])
+            out.append([record["loss"] for record in Trainer(TrainingConfig.from_flags(**kwargs), log=lambda message: None).run()])
         except ValueError as error:
             out.append(str(error))
         parallel_state.destroy_model_parallel()

@@ -54,7 +54,7 @@ def train_runs(runs, log_hook=None):
 
     histories = []
     for kwargs in runs:
-        trainer = Trainer(TrainingConfig(**kwargs), log=log_hook or (lambda message: None))
+        trainer = Trainer(TrainingConfig.from_flags(**kwargs), log=log_hook or (lambda message: None))
         histories.append([record["loss"] for record in trainer.run()])
         parallel_state.destroy_model_parallel()
     return histories
@@ -107,13 +107,13 @@ def grad_norm_history(runs, fused):
 
     from megatron.core import parallel_state
 
-    from symnoise_megatron.training import loop
+    from symnoise_megatron.training import loop, model_chunks
     from symnoise_megatron.training.arguments import TrainingConfig
 
-    with mock.patch.object(loop, "is_cpu_only", lambda: fused):
+    with mock.patch.object(model_chunks, "is_cpu_only", lambda: fused):
         histories = []
         for kwargs in runs:
-            histories.append([(r["loss"], r["grad_norm"]) for r in loop.Trainer(TrainingConfig(**kwargs), log=lambda m: None).run()])
+            histories.append([(r["loss"], r["grad_norm"]) for r in loop.Trainer(TrainingConfig.from_flags(**kwargs), log=lambda m: None).run()])
             parallel_state.destroy_model_parallel()
     return histories
 
@@ -162,7 +162,7 @@ def bf16_parameter_dtypes(config):
     from symnoise_megatron.training.arguments import TrainingConfig
     from symnoise_megatron.training.loop import Trainer
 
-    trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
+    trainer = Trainer(TrainingConfig.from_flags(**config), log=lambda message: None)
     dtypes = sorted({str(p.dtype) for chunk in trainer.chunks for p in chunk.parameters()})
     parallel_state.destroy_model_parallel()
     return dtypes
@@ -240,7 +240,7 @@ def build(config):
     from symnoise_megatron.training.loop import Trainer
 
     try:
-        Trainer(TrainingConfig(**config))
+        Trainer(TrainingConfig.from_flags(**config))
     except (ValueError, FileNotFoundError) as error:
         return str(error)
     return "built"
@@ -265,7 +265,7 @@ def learning_rates(config):
     from symnoise_megatron.training.arguments import TrainingConfig
     from symnoise_megatron.training.loop import Trainer
 
-    history = Trainer(TrainingConfig(**config), log=lambda message: None).run()
+    history = Trainer(TrainingConfig.from_flags(**config), log=lambda message: None).run()
     parallel_state.destroy_model_parallel()
     return [record["lr"] for record in history]
 
@@ -356,8 +356,8 @@ def validation_losses(configs):
 
     out = []
     for config in configs:
-        trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
-        out.append((len(trainer.train_indices), len(trainer.data), trainer.evaluate()))
+        trainer = Trainer(TrainingConfig.from_flags(**config), log=lambda message: None)
+        out.append((len(trainer.datasets.train_indices), len(trainer.datasets.train), trainer.evaluate()))
         parallel_state.destroy_model_parallel()
     return out
 
@@ -395,8 +395,8 @@ def built_layers(config):
     from symnoise_megatron.training.arguments import TrainingConfig
     from symnoise_megatron.training.loop import Trainer
 
-    trainer = Trainer(TrainingConfig(**config), log=lambda message: None)
-    return trainer.model.num_layers, len(trainer.chunks[0].module.decoder.layers), trainer.train_step()[0]
+    trainer = Trainer(TrainingConfig.from_flags(**config), log=lambda message: None)
+    return trainer.model_config.num_layers, len(trainer.chunks[0].module.decoder.layers), trainer.train_step()[0]
 
 
 def test_num_layers_overrides_the_preset(data_prefix):
@@ -416,7 +416,7 @@ def builds(configs):
     for config in configs:
         warnings = []
         try:
-            Trainer(TrainingConfig(**config), log=lambda m: warnings.append(m) if m.startswith("WARNING") else None).close()
+            Trainer(TrainingConfig.from_flags(**config), log=lambda m: warnings.append(m) if m.startswith("WARNING") else None).close()
             out.append(" ".join(["built"] + warnings))
         except (ValueError, FileNotFoundError) as error:
             out.append(str(error))

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from symnoise_megatron.data.sft_dataset import Sample, collate, pack
-from symnoise_megatron.training.loop import trimmed_to_longest
+from symnoise_megatron.training.batches import trimmed_to_longest
 
 
 def samples(lengths):

@@ -53,7 +53,7 @@ def prepare(workdir):
 def training_config(args, megatron_dir, prefix, noise_kind, tp=1, pp=1):
     from symnoise_megatron.training.arguments import TrainingConfig
 
-    return TrainingConfig(
+    return TrainingConfig.from_flags(
         data_path=[prefix], load=megatron_dir, finetune=True, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, pack_sequences=args.pack_sequences, train_iters=args.warmup + args.steps, lr=1e-5,
@@ -76,14 +76,14 @@ def worker(args):
     with runtime_for_this_machine():
         trainer = Trainer(training_config(args, args.megatron_dir, args.data_prefix, args.noise_kind, tp, pp), log=lambda m: None)
         counted = []
-        build = trainer._microbatches
+        build = trainer.batches
 
         def counting(groups, indices, data):
             microbatches = build(groups, indices, data)
             counted.append(real_tokens(microbatches))
             return microbatches
 
-        trainer._microbatches = counting
+        trainer.batches = counting
         times, losses = [], []
         for _ in range(args.warmup + args.steps):
             dist.barrier()

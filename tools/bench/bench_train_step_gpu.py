@@ -74,7 +74,7 @@ def measure(args, prefix, noise_kind, pairing, precision):
     from symnoise_megatron.training.metrics import device_peak_tflops, flops_per_token
 
     recipe = fp8_recipe(precision)
-    config = TrainingConfig(
+    config = TrainingConfig.from_flags(
         data_path=[prefix], model="llama2-7b", num_layers=args.num_layers, seq_length=args.seq_length,
         micro_batch_size=1, global_batch_size=args.global_batch_size, train_iters=args.warmup + args.steps,
         lr=1e-5, bf16=True, fp8_format="hybrid" if recipe else None, fp8_recipe=recipe or "delayed",
@@ -91,14 +91,14 @@ def measure(args, prefix, noise_kind, pairing, precision):
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     name = torch.cuda.get_device_name()
-    planned = plan(PlanInputs(trainer.model, seq_length=args.seq_length, global_batch_size=args.global_batch_size,
+    planned = plan(PlanInputs(trainer.model_config, seq_length=args.seq_length, global_batch_size=args.global_batch_size,
                               gpus=1, gpu="H200" if "H200" in name else "H100", fp8=bool(recipe),
                               distributed_optimizer=False, pairing=pairing), 1, 1, 1, 1)
     row = step_bench_row(
         device=device_name(), spec="te" if transformer_engine_available() else "local", precision=precision,
         noise=noise_kind, pairing=pairing, layers=args.num_layers, seq_length=args.seq_length,
         step_s=sorted(times)[len(times) // 2], data_tokens=args.global_batch_size * args.seq_length,
-        copies=2 if noise_kind == "symmetric" else 1, flops_per_token=flops_per_token(trainer.model, args.seq_length),
+        copies=2 if noise_kind == "symmetric" else 1, flops_per_token=flops_per_token(trainer.model_config, args.seq_length),
         peak_tflops=device_peak_tflops(bool(recipe)), peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
         planner_memory_gb=planned.total_gb)
     parallel_state.destroy_model_parallel()

@@ -171,7 +171,7 @@ def phase_train(args, prefix, transformer_engine: bool, packed: bool):
     from symnoise_megatron.training.arguments import TrainingConfig
     from symnoise_megatron.training.loop import Trainer
 
-    config = TrainingConfig(
+    config = TrainingConfig.from_flags(
         data_path=[prefix], load=os.path.join(args.workdir, "weights"), finetune=True, seq_length=args.seq_length,
         pack_sequences=packed, micro_batch_size=2, global_batch_size=8, train_iters=args.steps, lr=1e-5,
         lr_warmup_fraction=0.0, bf16=True, noise_kind="symmetric", noise_alpha=ALPHA, noise_pairing="concat",
