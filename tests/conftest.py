@@ -4,6 +4,14 @@ import os
 
 import pytest
 
+from tests import distributed
+
+
+def pytest_runtest_setup(item):
+    # Fixtures that start ranks run in the setup of the first test that asks for them: that test
+    # is marked too.
+    distributed.spawning_allowed = item.get_closest_marker("distributed") is not None
+
 
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory):

@@ -7,9 +7,12 @@ memory. The bound is on the resident set actually sampled during the conversion.
 
 import os
 
+import pytest
 
 from tests.checkpoint.conftest import make_hf_model
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
 
 MB = 2**20
 

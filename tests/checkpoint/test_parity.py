@@ -5,6 +5,8 @@ import pytest
 from tests.checkpoint.conftest import HF_MODELS
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2_pp2": (2, 2)}
 TOLERANCE = 1e-4  # fp32
 

@@ -9,6 +9,8 @@ import torch
 from tests.checkpoint.conftest import HF_MODELS
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 
 def tensors_of(directory):
     from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader

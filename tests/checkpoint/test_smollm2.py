@@ -10,6 +10,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 # fp32 through 30 layers: relative to the largest logit (34 on this batch), measured 2.9e-6 under
 # TP 1 and PP 2 and 5.8e-6 under TP 3, whose row-parallel layers add partial products in another
 # order. 1e-4 absolute (the 4-layer models of test_parity) is 2.9e-6 of this scale: too tight.

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from tests.checkpoint.conftest import make_hf_model
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 
 def _error(call):
     try:

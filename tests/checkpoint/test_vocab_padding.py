@@ -13,6 +13,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 NAMES = {"llama_mha": "llama", "opt": "opt"}  # untied and tied output layers, 301 tokens
 TPS = (4, 2, 1)
 BATCH, SEQ, PROMPT = 2, 24, 5

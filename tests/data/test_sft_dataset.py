@@ -140,6 +140,7 @@ def losses_packed_and_unpacked(prefix):
     return out
 
 
+@pytest.mark.distributed
 def test_packing_never_crosses_samples_in_loss_or_attention(bundled_prefix):
     result = run_distributed(losses_packed_and_unpacked, 1, bundled_prefix)[0]
     assert set(result["packed"]) == set(result["unpacked"])

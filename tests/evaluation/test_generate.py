@@ -6,6 +6,8 @@ import pytest
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 PROMPTS = [{"instruction": "What is the capital of France?", "dataset": "toy"},
            {"instruction": "Add the numbers.", "input": "2, 3", "dataset": "toy"},
            {"instruction": "Name a colour.", "dataset": "toy"}]

@@ -5,6 +5,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 200, 16, 2, 2
 
 ARCHITECTURES = {

@@ -11,6 +11,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 VOCAB, SEQ, MICRO_BATCH = 200, 16, 2
 
 ARCHITECTURES = {

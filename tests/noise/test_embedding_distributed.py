@@ -10,6 +10,8 @@ import torch
 from symnoise_megatron.noise import NoiseConfig, embedding_noise
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 VOCAB, HIDDEN, SEQ = 96, 32, 16
 LENGTHS = [16, 11, 16, 5]  # four samples, uids 0..3, two of them padded
 NOISE = NoiseConfig("symmetric", alpha=10.0, seed=99)

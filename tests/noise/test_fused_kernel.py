@@ -105,6 +105,7 @@ def embed_both_ways(sequence_parallel):
     return outputs
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_the_embedding_adds_the_same_noise_with_the_kernel(sequence_parallel):
     for fused, reference in run_distributed(embed_both_ways, 2, sequence_parallel):

@@ -33,6 +33,7 @@ def parameters_per_rank(model, tp, pp):
     return parallel_state.get_pipeline_model_parallel_rank(), sum(p.numel() for c in chunks for p in c.parameters())
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_parameters_per_rank_match_megatron_cores_model(name, tp, pp):

@@ -19,6 +19,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.distributed)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ def optimizer_megatron_builds():
         group["decoupled_weight_decay"] for group in inner.param_groups]
 
 
+@pytest.mark.distributed
 def test_megatron_core_gets_the_fused_adam_without_te_or_apex():
     name, fused, decoupled = run_distributed(optimizer_megatron_builds, 1)[0]
     assert name == "TorchFusedAdam" and all(fused) and all(decoupled)

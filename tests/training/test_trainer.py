@@ -7,6 +7,8 @@ import pytest
 
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 BASE = dict(global_batch_size=8, micro_batch_size=2, seq_length=128, train_iters=4,
             lr=2e-3, lr_warmup_fraction=0.0, log_interval=1, noise_kind="symmetric", noise_alpha=5.0)
 
