@@ -5,6 +5,8 @@ import pytest
 from tests.distributed import run_distributed
 from tests.training.test_trainer import BASE, converted_tiny, data_prefix  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.distributed
+
 
 def train_or_error(runs):
     """Each config trained in turn; its loss history, or the ValueError that refused it."""
