@@ -15,9 +15,9 @@ from megatron.core.transformer import TransformerConfig
 
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 from symnoise_megatron.model.loss_tokens import GPTModelForSFT
+from symnoise_megatron.model.parallelism import ParallelConfig
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import NoisyVocabParallelEmbedding
-from symnoise_megatron.runtime.parallel import ParallelConfig
 
 
 def transformer_engine_available() -> bool:

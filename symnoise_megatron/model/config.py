@@ -81,6 +81,11 @@ class ModelConfig:
         embeddings = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + extra
 
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x parameters + attention scores."""
+        attention = 12 * self.num_layers * self.hidden_size * seq_length
+        return 6.0 * self.num_parameters() + attention
+
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_parallel_size: int) -> int:
     """Megatron's padding: a multiple of ``make_vocab_size_divisible_by * tp``."""

@@ -54,5 +54,14 @@ class NoiseConfig:
         """Forward passes each sample makes per step: 2 for SymNoise, else 1."""
         return 2 if self.is_symmetric else 1
 
+    def rows_per_microbatch(self, micro_batch_size: int) -> int:
+        """Rows of each micro-batch a step runs: ``concat`` pairing carries both copies in one."""
+        return micro_batch_size * (self.copies if self.pairing == "concat" else 1)
+
+    def microbatches_per_step(self, num_microbatches: int) -> int:
+        """Micro-batches a step runs for ``num_microbatches`` of data: ``microbatch`` pairing runs
+        each copy as its own micro-batch."""
+        return num_microbatches * (self.copies if self.pairing == "microbatch" else 1)
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,10 +7,10 @@ from typing import Iterator
 
 import torch
 
+from symnoise_megatron.data.microbatch import MicroBatch
 from symnoise_megatron.model.loss_tokens import loss_tokens_only
 from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
 from symnoise_megatron.noise.embedding import set_noise_batch
-from symnoise_megatron.training.microbatch import MicroBatch
 
 
 def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -17,23 +17,22 @@ import torch.distributed as dist
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.checkpoint.convert import model_config_of
 from symnoise_megatron.checkpoint.load import load_model_weights
-from symnoise_megatron.checkpoint.verify import validate_layout
+from symnoise_megatron.data.microbatch import MicroBatch, concatenate, paired_microbatches
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
 from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, empty_packed_row, pack, split_indices
 from symnoise_megatron.data.tokenizer import TokenizerSpec, identity_differences
 from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import preset
+from symnoise_megatron.model.parallelism import ParallelConfig, validate_layout
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import noisy_embeddings
 from symnoise_megatron.runtime.cpu import is_cpu_only
-from symnoise_megatron.runtime.parallel import ParallelConfig, compute_device, initialize_distributed
+from symnoise_megatron.runtime.hardware import device_peak_tflops
+from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, metrics
 from symnoise_megatron.training.arguments import TOKENIZER_TYPES, TrainingConfig
 from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.optimizer import build_optimizer
-from symnoise_megatron.training.microbatch import (
-    MicroBatch, concatenate, microbatch_rows, microbatches_per_step, paired_microbatches,
-)
 
 
 class TrainingStopped(RuntimeError):
@@ -353,10 +352,10 @@ class Trainer:
 
         paired = [mb.to(self.device) for mb in paired_microbatches(microbatches, noise)]
         iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
-        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], microbatch_rows(microbatches[0].size, noise))
+        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], noise.rows_per_microbatch(microbatches[0].size))
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=seq_length,
+            num_microbatches=noise.microbatches_per_step(len(microbatches)), seq_length=seq_length,
             micro_batch_size=rows, forward_only=forward_only,
         )
         return self._global_loss(reports)
@@ -442,8 +441,8 @@ class Trainer:
         cfg = self.cfg
         self._install_sigterm()
         started = time.time()
-        peak = metrics.device_peak_tflops(bool(cfg.fp8_format))
-        per_token = metrics.flops_per_token(self.model, cfg.seq_length)
+        peak = device_peak_tflops(bool(cfg.fp8_format))
+        per_token = self.model.flops_per_token(cfg.seq_length)
         world = dist.get_world_size()
         window_start, window_tokens, window_iterations = time.time(), 0.0, 0
         while self.iteration < self.train_iters:

@@ -52,11 +52,12 @@ def megatron_under_every_tp(pairs):
     from symnoise_megatron.checkpoint import paths
     from symnoise_megatron.checkpoint.convert import model_config_of
     from symnoise_megatron.checkpoint.load import load_model_weights
+    from symnoise_megatron.data.microbatch import attention_mask_from_positions, loss_positions
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.loss_tokens import loss_tokens_only
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
-    from symnoise_megatron.training.microbatch import attention_mask_from_positions, loss_positions
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     tokens, labels, loss_mask = batch()
     position_ids = torch.arange(SEQ).expand(BATCH, SEQ)

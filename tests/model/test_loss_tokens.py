@@ -21,7 +21,7 @@ ARCHITECTURES = {
 
 def microbatches():
     """Prompts of 4-6 tokens, responses to each sample's length; the last micro-batch is all prompt."""
-    from symnoise_megatron.training.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
 
     generator = torch.Generator().manual_seed(3)
     out = []
@@ -61,8 +61,9 @@ def train_both_ways():
 
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
     from symnoise_megatron.training.forward_step import forward_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
