@@ -108,10 +108,9 @@ class LayoutPlan:
 
 
 def layer_parameters(model: ModelConfig) -> int:
-    """Parameters of one transformer layer (LLaMA: attention, SwiGLU MLP, two norms)."""
+    """Parameters of one transformer layer: attention, MLP and two norms."""
     return (model.num_parameters() - embedding_parameters(model, model.vocab_size)
-            - (model.hidden_size if model.architecture == "llama" else 2 * model.hidden_size
-               + model.max_position_embeddings * model.hidden_size)) // model.num_layers
+            - model.norm_parameters - model.position_embedding_parameters) // model.num_layers
 
 
 def embedding_parameters(model: ModelConfig, vocab: int) -> int:
@@ -123,14 +122,14 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, vocab_div
     (vocabulary padded; norms replicated over TP; a tied output layer kept on the last stage too)."""
     vocab = padded_vocab_size(model.vocab_size, vocab_divisible_by, tp)
     h, layers = model.hidden_size, model.num_layers // pp
-    per_layer_norms = 2 * h if model.architecture == "llama" else 4 * h
+    per_layer_norms = 2 * model.norm_parameters
     sharded_layer = layer_parameters(model) - per_layer_norms
     held = layers * (sharded_layer // tp + per_layer_norms)
     first, last = stage == 0, stage == pp - 1
     if first:
         held += vocab * h // tp
     if last:
-        held += h if model.architecture == "llama" else 2 * h  # final norm
+        held += model.norm_parameters  # final norm
         if not model.tie_word_embeddings or pp > 1:
             held += vocab * h // tp  # output layer (a tied one is a copy on the last stage)
     return held
