@@ -38,12 +38,12 @@ def microbatches():
 
 def full_output_layer_step(data_iterator, model):
     """The forward step with megatron-core's own output layer over every position."""
-    from symnoise_megatron.noise.embedding import set_noise_batch
+    from symnoise_megatron.model.step_inputs import step_inputs
     from symnoise_megatron.training.forward_step import token_loss
 
     microbatch = next(data_iterator)
-    set_noise_batch(model, microbatch.noise_batch())
-    output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask, labels=microbatch.labels)
+    with step_inputs(model, microbatch.noise_batch()):
+        output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask, labels=microbatch.labels)
     return output, partial(token_loss, microbatch.loss_mask)
 
 
