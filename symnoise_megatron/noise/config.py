@@ -32,10 +32,9 @@ class NoiseConfig:
     pairing: str = "concat"
 
     def __post_init__(self):
-        if self.kind not in NOISE_KINDS:
-            raise ValueError(f"noise kind {self.kind!r} is not one of {', '.join(NOISE_KINDS)}")
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"noise pairing {self.pairing!r} is not one of {', '.join(PAIRINGS)}")
+        # Named by the fine-tune's flags: its argument check is this constructor.
+        if self.kind not in NOISE_KINDS or self.pairing not in PAIRINGS:
+            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
         if self.alpha < 0:
             raise ValueError(f"noise alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.seed < 2**32:
