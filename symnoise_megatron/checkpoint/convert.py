@@ -31,7 +31,7 @@ from tqdm import tqdm
 from symnoise_megatron.checkpoint import layouts, paths
 from symnoise_megatron.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
 from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_HF, TO_MEGATRON
-from symnoise_megatron.checkpoint.layouts import OPT_POSITION_OFFSET, OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
+from symnoise_megatron.checkpoint.layouts import OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter, copy_files
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
@@ -189,8 +189,8 @@ def hf_to_megatron(
         assets = os.path.join(save_dir, paths.HF_ASSETS)
         os.makedirs(assets, exist_ok=True)
         copy_files(load_dir, assets, HF_ASSET_FILES)
-        if model.architecture == "opt":
-            _keep_opt_unused_positions(reader, assets, dtype)
+        if model.unused_position_rows:
+            _keep_opt_unused_positions(reader, assets, dtype, model.unused_position_rows)
     paths.save_atomically(save_dir, None, sharded, {
         "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
@@ -207,16 +207,17 @@ def _remove_entries(directory: str, entries) -> None:
             os.remove(path)
 
 
-def _keep_opt_unused_positions(reader: HFCheckpointReader, assets: str, dtype: Optional[torch.dtype]) -> None:
+def _keep_opt_unused_positions(reader: HFCheckpointReader, assets: str, dtype: Optional[torch.dtype],
+                               unused_rows: int) -> None:
     from safetensors.torch import save_file
 
-    rows = reader.get("model.decoder.embed_positions.weight")[:OPT_POSITION_OFFSET]
+    rows = reader.get("model.decoder.embed_positions.weight")[:unused_rows]
     rows = rows.to(dtype) if dtype is not None else rows
     save_file({OPT_UNUSED_POSITIONS_KEY: rows.contiguous()}, os.path.join(assets, OPT_UNUSED_POSITIONS_FILE))
 
 
-def _opt_unused_positions(load_dir: str, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """The two rows hf-to-megatron kept, or None (a model trained from scratch never had them)."""
+def _opt_unused_positions(load_dir: str, like: torch.Tensor, unused_rows: int) -> Optional[torch.Tensor]:
+    """The rows hf-to-megatron kept, or None (a model trained from scratch never had them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -227,9 +228,9 @@ def _opt_unused_positions(load_dir: str, like: torch.Tensor) -> Optional[torch.T
         rows = load_file(path)[OPT_UNUSED_POSITIONS_KEY]
     except (SafetensorError, KeyError) as error:
         raise ValueError(f"{path}: cannot read OPT's unused position rows: {error}") from None
-    if tuple(rows.shape) != (OPT_POSITION_OFFSET, like.shape[1]):
+    if tuple(rows.shape) != (unused_rows, like.shape[1]):
         raise ValueError(f"{path}: OPT's unused position rows have shape {tuple(rows.shape)}, "
-                         f"the model needs ({OPT_POSITION_OFFSET}, {like.shape[1]})")
+                         f"the model needs ({unused_rows}, {like.shape[1]})")
     return rows.to(like.dtype)
 
 
@@ -305,9 +306,9 @@ def _write_hf(load_dir, checkpoint_dir, save_dir, info, model, metadata, max_sha
     for key, entry in globals_.items():
         tensors = TO_HF[entry.transform](model, loaded[key])
         if entry.transform == "positions":
-            kept = _opt_unused_positions(load_dir, tensors[0])
+            kept = _opt_unused_positions(load_dir, tensors[0], model.unused_position_rows)
             if kept is not None:
-                tensors[0][:OPT_POSITION_OFFSET] = kept
+                tensors[0][:model.unused_position_rows] = kept
         writer.add(dict(zip(entry.hf, tensors)))
     entries = layouts.layer_entries(model)
     absent = [LAYER_PREFIX + e.megatron for e in entries if LAYER_PREFIX + e.megatron not in metadata]

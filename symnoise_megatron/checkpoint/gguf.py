@@ -9,13 +9,14 @@ other tool here (conversion, verification, generation) sees a normal LLaMA direc
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from symnoise_megatron.common.files import sha256_of_file
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,6 @@ def locate_gguf(model: PackagedModel) -> str:
     return path
 
 
-def _fingerprint(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def materialize(name: str, cache_dir: Optional[str] = None, progress: bool = True,
                 log: Callable[[str], None] = print) -> str:
     """The Hugging Face directory of packaged model ``name``, made on the first call.
@@ -96,7 +89,7 @@ def materialize(name: str, cache_dir: Optional[str] = None, progress: bool = Tru
     model = packaged_model(name)
     source = locate_gguf(model)
     target = os.path.join(cache_dir or default_cache_dir(), name)
-    fingerprint = _fingerprint(source)
+    fingerprint = sha256_of_file(source)
     marker = os.path.join(target, MARKER)
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as handle:

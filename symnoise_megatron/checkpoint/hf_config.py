@@ -82,26 +82,36 @@ def hf_config_from_model(model: ModelConfig, original: Optional[dict] = None) ->
         if model_config_from_hf(config) != model:
             raise ValueError("the stored Hugging Face config does not describe this checkpoint's model")
         return config
-    if model.architecture == "llama":
-        config = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
-            "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
-            "num_key_value_heads": model.query_groups, "vocab_size": model.vocab_size,
-            "max_position_embeddings": model.max_position_embeddings, "rms_norm_eps": model.norm_epsilon,
-            "rope_theta": model.rotary_base, "tie_word_embeddings": model.tie_word_embeddings,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "initializer_range": model.init_method_std, "bos_token_id": 1, "eos_token_id": 2,
-        }
-        if model.rope_scaling:
-            config["rope_scaling"] = {"rope_type": "llama3", **model.rope_scaling}
-        return config
+    return HF_CONFIG_WRITERS[model.hf_model_type](model)
+
+
+def _llama_hf_config(model: ModelConfig) -> dict:
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.query_groups, "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings, "rms_norm_eps": model.norm_epsilon,
+        "rope_theta": model.rotary_base, "tie_word_embeddings": model.tie_word_embeddings,
+        "hidden_act": model.activation, "attention_bias": model.linear_biases, "mlp_bias": model.linear_biases,
+        "initializer_range": model.init_method_std, "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if model.rope_scaling:
+        config["rope_scaling"] = {"rope_type": "llama3", **model.rope_scaling}
+    return config
+
+
+def _opt_hf_config(model: ModelConfig) -> dict:
     return {
         "architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": model.hidden_size,
         "word_embed_proj_dim": model.hidden_size, "ffn_dim": model.ffn_hidden_size,
         "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
         "vocab_size": model.vocab_size, "max_position_embeddings": model.max_position_embeddings,
-        "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+        "do_layer_norm_before": True, "activation_function": model.activation, "enable_bias": model.linear_biases,
         "layer_norm_elementwise_affine": True, "tie_word_embeddings": True, "init_std": model.init_method_std,
         "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
     }
+
+
+# config.json writers by Hugging Face model type (ModelConfig.hf_model_type).
+HF_CONFIG_WRITERS = {"llama": _llama_hf_config, "opt": _opt_hf_config}

@@ -15,7 +15,7 @@ import torch
 
 from symnoise_megatron.model.config import ModelConfig
 
-OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with 2 unused rows
+# OPT's learned position table starts with rows no position uses (ModelConfig.unused_position_rows).
 # Megatron's position table has no room for them: they are kept beside the tokenizer in
 # ``hf_assets/`` (which training copies into its --save), so the way back is bit-exact.
 OPT_UNUSED_POSITIONS_FILE = "opt_unused_position_rows.safetensors"
@@ -64,29 +64,31 @@ TO_MEGATRON: Dict[str, Callable] = {
     "qkv": lambda model, rows, q, k, v: _to_megatron_qkv(model, q, k, v),
     "gated": lambda model, rows, gate, up: torch.cat([gate, up]),
     "vocab": lambda model, rows, t: _pad_rows(t, rows),
-    "positions": lambda model, rows, t: t[OPT_POSITION_OFFSET:],
+    "positions": lambda model, rows, t: t[model.unused_position_rows:],
 }
 TO_HF: Dict[str, Callable] = {
     "copy": lambda model, t: [t],
     "qkv": _to_hf_qkv,
     "gated": lambda model, t: list(t.chunk(2)),
     "vocab": lambda model, t: [t[: model.vocab_size]],
-    # The two unused rows are put back by the converter (zeros where none were kept).
-    "positions": lambda model, t: [torch.cat([t.new_zeros(OPT_POSITION_OFFSET, t.shape[1]), t])],
+    # The unused rows are put back by the converter (zeros where none were kept).
+    "positions": lambda model, t: [torch.cat([t.new_zeros(model.unused_position_rows, t.shape[1]), t])],
 }
 
 
-def layer_entries(model: ModelConfig) -> List[Entry]:
-    if model.architecture == "llama":
-        p = "model.layers.{i}."
-        return [
-            Entry("self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",)),
-            Entry("self_attention.linear_qkv.weight", tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv"),
-            Entry("self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",)),
-            Entry("mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",)),
-            Entry("mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "gated"),
-            Entry("mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",)),
-        ]
+def _llama_layer_entries(model: ModelConfig) -> List[Entry]:
+    p = "model.layers.{i}."
+    return [
+        Entry("self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",)),
+        Entry("self_attention.linear_qkv.weight", tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv"),
+        Entry("self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",)),
+        Entry("mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",)),
+        Entry("mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "gated"),
+        Entry("mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",)),
+    ]
+
+
+def _opt_layer_entries(model: ModelConfig) -> List[Entry]:
     p = "model.decoder.layers.{i}."
     entries = []
     for suffix in ("weight", "bias"):
@@ -101,21 +103,38 @@ def layer_entries(model: ModelConfig) -> List[Entry]:
     return entries
 
 
-def global_entries(model: ModelConfig) -> List[Entry]:
-    if model.architecture == "llama":
-        entries = [
-            Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-            Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        ]
-        if not model.tie_word_embeddings:
-            entries.append(Entry("output_layer.weight", ("lm_head.weight",), "vocab"))
-        return entries
+def _llama_global_entries(model: ModelConfig) -> List[Entry]:
+    entries = [
+        Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Entry("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
+    if not model.tie_word_embeddings:
+        entries.append(Entry("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return entries
+
+
+def _opt_global_entries(model: ModelConfig) -> List[Entry]:
     return [
         Entry("embedding.word_embeddings.weight", ("model.decoder.embed_tokens.weight",), "vocab"),
         Entry("embedding.position_embeddings.weight", ("model.decoder.embed_positions.weight",), "positions"),
         Entry("decoder.final_layernorm.weight", ("model.decoder.final_layer_norm.weight",)),
         Entry("decoder.final_layernorm.bias", ("model.decoder.final_layer_norm.bias",)),
     ]
+
+
+# The tables by Hugging Face model type (ModelConfig.hf_model_type): (layer entries, global entries).
+TABLES: Dict[str, Tuple[Callable, Callable]] = {
+    "llama": (_llama_layer_entries, _llama_global_entries),
+    "opt": (_opt_layer_entries, _opt_global_entries),
+}
+
+
+def layer_entries(model: ModelConfig) -> List[Entry]:
+    return TABLES[model.hf_model_type][0](model)
+
+
+def global_entries(model: ModelConfig) -> List[Entry]:
+    return TABLES[model.hf_model_type][1](model)
 
 
 # Buffers some HF checkpoints carry that are not parameters.
@@ -142,7 +161,7 @@ def expected_hf_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
         if module in ("embed_tokens", "lm_head"):
             shape = (v, d)
         elif module == "embed_positions":
-            shape = (model.max_position_embeddings + OPT_POSITION_OFFSET, d)
+            shape = (model.max_position_embeddings + model.unused_position_rows, d)
         elif module in ("k_proj", "v_proj"):
             shape = (kv, d) if kind == "weight" else (kv,)
         elif module in ("q_proj", "o_proj", "out_proj"):

@@ -11,6 +11,8 @@ import re
 import shutil
 from typing import Callable, List, Optional
 
+from symnoise_megatron.common.files import write_json_atomically
+
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "symnoise_checkpoint.json"
 HF_ASSETS = "hf_assets"
@@ -108,10 +110,7 @@ def read_info(root: str) -> dict:
 
 
 def write_info(root: str, info: dict) -> None:
-    temporary = os.path.join(root, INFO + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2)
-    os.replace(temporary, os.path.join(root, INFO))
+    write_json_atomically(os.path.join(root, INFO), info, indent=2)
 
 
 def _in_process_write_results():

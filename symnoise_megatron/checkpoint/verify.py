@@ -21,21 +21,6 @@ class ParityReport:
         return self.max_abs_diff <= tolerance
 
 
-def validate_layout(model, parallel) -> None:
-    """Refuse a TP/PP layout the model cannot be split into, naming the numbers."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    if model.num_attention_heads % tp or model.query_groups % tp:
-        raise ValueError(
-            f"--tensor-model-parallel-size {tp} must divide the {model.num_attention_heads} attention heads "
-            f"and the {model.query_groups} key/value groups"
-        )
-    if model.ffn_hidden_size % tp:
-        raise ValueError(f"--tensor-model-parallel-size {tp} must divide the FFN size {model.ffn_hidden_size}")
-    if model.num_layers % (pp * vpp):
-        raise ValueError(f"{model.num_layers} layers cannot be split into {pp} pipeline stages x {vpp} virtual stages")
-
-
 def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
     """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None elsewhere.
 
@@ -45,7 +30,7 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[t
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from symnoise_megatron.training.microbatch import attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import attention_mask_from_positions
 
     batch, seq = tokens.shape
     positions = torch.arange(seq)[None]
@@ -90,6 +75,7 @@ def compare_with_transformers(
     from symnoise_megatron.checkpoint.convert import model_config_of
     from symnoise_megatron.checkpoint.load import load_model_weights
     from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config
+    from symnoise_megatron.model.parallelism import validate_layout
     from symnoise_megatron.noise import NoiseConfig
 
     model = model_config_of(megatron_dir)

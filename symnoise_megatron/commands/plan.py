@@ -16,7 +16,8 @@ import argparse
 
 from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.model.config import PRESETS, preset
-from symnoise_megatron.runtime.layout_planner import GPU_MEMORY_GB, PlanInputs, ranked_plans
+from symnoise_megatron.runtime.hardware import GPU_MEMORY_GB
+from symnoise_megatron.runtime.layout_planner import PlanInputs, ranked_plans
 
 
 @exits_on_user_error

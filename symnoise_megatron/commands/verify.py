@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
-from symnoise_megatron.runtime.parallel import ParallelConfig, destroy_distributed, initialize_distributed
+from symnoise_megatron.model.parallelism import ParallelConfig
+from symnoise_megatron.runtime.parallel import destroy_distributed, initialize_distributed
 
 
 def parse_args(argv=None):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from symnoise_megatron.common.processes import pid_alive
 from symnoise_megatron.data import formats, readers
 from symnoise_megatron.data.formats import RowError
 from symnoise_megatron.data.templates import Example, Template, default_template, get_template
@@ -240,22 +241,6 @@ def _init_worker(config: PreprocessConfig, template_name: str):
     _WORKER["dtype"] = token_dtype(_WORKER["tokenizer"])
 
 
-def _parse(raw: readers.RawRow) -> dict:
-    if isinstance(raw.payload, dict):
-        return raw.payload
-    if isinstance(raw.payload, RowError):
-        raise raw.payload
-    try:
-        value = json.loads(raw.payload)
-    except json.JSONDecodeError as error:
-        raise RowError("malformed_json", f"malformed JSON: {error.msg} at column {error.colno}") from None
-    except UnicodeDecodeError as error:
-        raise RowError("not_utf8", f"not UTF-8: byte {error.object[error.start]:#04x} at column {error.start + 1}") from None
-    if not isinstance(value, dict):
-        raise RowError("not_an_object", f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _process_chunk(job) -> ChunkResult:
     format_name, rows = job
     config: PreprocessConfig = _WORKER["config"]
@@ -264,7 +249,7 @@ def _process_chunk(job) -> ChunkResult:
     examples = []
     for raw in rows:
         try:
-            examples.append(converter(_parse(raw), config.turns))
+            examples.append(converter(readers.decode_row(raw), config.turns))
         except RowError as error:
             result.errors.append((raw.source, raw.row, error.reason, str(error)))
     samples = tokenize_examples(examples, _WORKER["template"], _WORKER["tokenizer"], config.boundary_rule, result.boundaries)
@@ -385,16 +370,6 @@ class IndexedWriter:
         self.handle.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(prefix: str) -> List[str]:
     """Temporary files of interrupted runs on this prefix (``*.tmp-PID*``, PID dead): removed."""
     removed = []
@@ -402,7 +377,7 @@ def remove_stale_temporaries(prefix: str) -> List[str]:
     candidates = [p for out in output_paths(prefix).values() for p in glob.glob(glob.escape(out) + ".tmp-*")]
     for path in candidates:
         match = re.search(r"\.tmp-(\d+)(\.bin|\.idx)?$", path)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             os.remove(path)
             removed.append(path)
     if removed:

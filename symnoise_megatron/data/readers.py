@@ -125,17 +125,34 @@ def read_rows(path: str, split: Optional[str] = None) -> Iterator[RawRow]:
     return _table_rows(path, split)
 
 
+def decode_row(raw: RawRow) -> dict:
+    """The JSON object a raw row holds; a :class:`RowError` naming what is wrong otherwise."""
+    from symnoise_megatron.data.formats import RowError
+
+    if isinstance(raw.payload, dict):
+        return raw.payload
+    if isinstance(raw.payload, Exception):
+        raise raw.payload
+    try:
+        value = json.loads(raw.payload)
+    except json.JSONDecodeError as error:
+        raise RowError("malformed_json", f"malformed JSON: {error.msg} at column {error.colno}") from None
+    except UnicodeDecodeError as error:
+        raise RowError("not_utf8", f"not UTF-8: byte {error.object[error.start]:#04x} at column {error.start + 1}") from None
+    if not isinstance(value, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def first_record(path: str, split: Optional[str] = None) -> dict:
     """The first decodable row of a file, for format detection."""
+    from symnoise_megatron.data.formats import RowError
+
     for raw in read_rows(path, split):
-        if isinstance(raw.payload, dict):
-            return raw.payload
         if isinstance(raw.payload, Exception):
             continue
         try:
-            value = json.loads(raw.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            return decode_row(raw)
+        except RowError:
             continue
-        if isinstance(value, dict):
-            return value
     raise ValueError(f"{path}: no JSON object found to detect the format from")

@@ -10,8 +10,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
 from symnoise_megatron.data.preprocess import output_paths
-from symnoise_megatron.training.microbatch import MicroBatch, attention_mask_from_positions
 
 
 class SFTIndexedData:

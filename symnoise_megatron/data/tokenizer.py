@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from symnoise_megatron.common.files import sha256_of_file
 
 # Encoded by every tokenizer whose identity is recorded: two tokenizers that agree on these ids,
 # the vocabulary size and the special ids tokenize instruction data alike, whatever file format
@@ -83,10 +84,8 @@ class Tokenizer:
 
     def identity(self) -> Dict[str, object]:
         """What the data's meta records and the trainer compares with the model's tokenizer."""
-        with open(self.file, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
         return {
-            "kind": self.kind, "file": os.path.basename(self.file), "sha256": digest,
+            "kind": self.kind, "file": os.path.basename(self.file), "sha256": sha256_of_file(self.file),
             "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
             "probe_ids": self.encode([IDENTITY_PROBE])[0],
         }

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import List, Tuple
+
+from symnoise_megatron.common.files import write_json_atomically
 
 
 def _parse(path: str, text: str) -> list:
@@ -64,10 +65,7 @@ def split_records(rows: List[dict], held_out: int, seed: int) -> Tuple[List[dict
 
 def write_json(value, path: str) -> None:
     """JSON, written atomically (a reader never sees half a file)."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, ensure_ascii=False)
-    os.replace(temporary, path)
+    write_json_atomically(path, value, indent=1, ensure_ascii=False)
 
 
 def write_records(rows: List[dict], path: str) -> None:

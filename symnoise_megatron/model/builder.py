@@ -15,9 +15,12 @@ from megatron.core.transformer import TransformerConfig
 
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 from symnoise_megatron.model.loss_tokens import GPTModelForSFT
+from symnoise_megatron.model.parallelism import ParallelConfig
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import NoisyVocabParallelEmbedding
-from symnoise_megatron.runtime.parallel import ParallelConfig
+
+# ModelConfig.activation (Hugging Face's name) -> the function megatron-core's MLP calls.
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
 
 
 def transformer_engine_available() -> bool:
@@ -40,7 +43,6 @@ def make_transformer_config(
     ``overrides`` are TransformerConfig fields (``fp8``, ``fp8_recipe``,
     ``recompute_granularity``, ...) passed through unchanged.
     """
-    llama = model.architecture == "llama"
     on_gpu = torch.cuda.is_available()
     fields = dict(
         num_layers=model.num_layers,
@@ -49,12 +51,12 @@ def make_transformer_config(
         num_query_groups=model.query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.head_dim,
-        normalization="RMSNorm" if llama else "LayerNorm",
+        normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.relu,
-        add_bias_linear=not llama,
-        add_qkv_bias=not llama,
+        gated_linear_unit=model.gated_linear_unit,
+        activation_func=ACTIVATIONS[model.activation],
+        add_bias_linear=model.linear_biases,
+        add_qkv_bias=model.linear_biases,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -73,7 +75,7 @@ def make_transformer_config(
         use_cpu_initialization=not on_gpu,
         # megatron-core fuses only gelu and swiglu (LLaMA's SiLU GLU, bias or none); OPT's ReLU
         # with the flag set is refused by TransformerConfig.
-        bias_activation_fusion=on_gpu and llama,
+        bias_activation_fusion=on_gpu and model.gated_linear_unit and model.activation == "silu",
         bias_dropout_fusion=on_gpu,
         # The local spec's fused softmax needs Megatron-LM's compiled kernels (not in the wheel);
         # without them megatron-core would import them anyway on the first attention.
@@ -102,9 +104,7 @@ def layer_spec(model: ModelConfig, use_transformer_engine: bool):
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(
-        normalization="RMSNorm" if model.architecture == "llama" else "LayerNorm"
-    )
+    return get_gpt_layer_local_spec(normalization=model.normalization)
 
 
 def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
@@ -162,7 +162,7 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope" if model.architecture == "llama" else "learned_absolute",
+        position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )

@@ -65,6 +65,54 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    # What the architecture implies: the builder, the conversion and the planner read these,
+    # never the architecture's name.
+    @property
+    def normalization(self) -> str:
+        """megatron-core's name of the norm: ``RMSNorm`` (LLaMA) or ``LayerNorm`` (OPT)."""
+        return "RMSNorm" if self.architecture == "llama" else "LayerNorm"
+
+    @property
+    def gated_linear_unit(self) -> bool:
+        """A gated MLP (LLaMA's SwiGLU: gate and up projections) instead of one FC1."""
+        return self.architecture == "llama"
+
+    @property
+    def activation(self) -> str:
+        """The MLP's activation function, as Hugging Face names it: ``silu`` or ``relu``."""
+        return "silu" if self.architecture == "llama" else "relu"
+
+    @property
+    def linear_biases(self) -> bool:
+        """Whether the attention and MLP linear layers carry biases (OPT) or not (LLaMA)."""
+        return self.architecture == "opt"
+
+    @property
+    def position_embedding_type(self) -> str:
+        """megatron-core's name: ``rope`` (LLaMA) or ``learned_absolute`` (OPT)."""
+        return "rope" if self.architecture == "llama" else "learned_absolute"
+
+    @property
+    def unused_position_rows(self) -> int:
+        """Rows at the start of Hugging Face's learned position table that no position uses
+        (OPT's offset of 2); megatron's table has no room for them."""
+        return 2 if self.architecture == "opt" else 0
+
+    @property
+    def hf_model_type(self) -> str:
+        """The ``model_type`` of the Hugging Face config.json this model converts to and from."""
+        return self.architecture
+
+    @property
+    def norm_parameters(self) -> int:
+        """Parameters of one norm: a weight, and a bias for LayerNorm."""
+        return self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
+
+    @property
+    def position_embedding_parameters(self) -> int:
+        """Parameters of the learned position table (none with rope)."""
+        return self.max_position_embeddings * self.hidden_size if self.position_embedding_type == "learned_absolute" else 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -72,14 +120,19 @@ class ModelConfig:
         """Parameters of the unpadded model (embedding counted once when tied)."""
         d, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         kv = self.query_groups * self.head_dim
-        if self.architecture == "llama":
-            layer = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d
-            extra = d
-        else:
-            layer = d * (d + 2 * kv) + (d + 2 * kv) + d * d + d + 2 * d * f + f + d + 4 * d
-            extra = 2 * d + self.max_position_embeddings * d
+        bias = 1 if self.linear_biases else 0
+        fc1_rows = 2 * f if self.gated_linear_unit else f
+        attention = d * (d + 2 * kv) + bias * (d + 2 * kv) + d * d + bias * d
+        mlp = fc1_rows * d + bias * fc1_rows + d * f + bias * d
+        layer = attention + mlp + 2 * self.norm_parameters
+        extra = self.norm_parameters + self.position_embedding_parameters
         embeddings = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + extra
+
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x parameters + attention scores."""
+        attention = 12 * self.num_layers * self.hidden_size * seq_length
+        return 6.0 * self.num_parameters() + attention
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_parallel_size: int) -> int:

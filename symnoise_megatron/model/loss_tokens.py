@@ -15,8 +15,7 @@ depend on the tensor-parallel size. ``GPTModelForSFT`` gives them the lowest fin
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -28,7 +27,8 @@ def valid_vocab_columns(vocab_size: int, columns: int, first_column: int) -> int
 
 
 class GPTModelForSFT(GPTModel):
-    """``GPTModel`` that, while :func:`loss_tokens_only` is active, computes logits at loss tokens only.
+    """``GPTModel`` that, given ``loss_positions`` (by :func:`symnoise_megatron.model.step_inputs.step_inputs`),
+    computes logits at loss tokens only.
 
     Outside it (generation, logits for evaluation) the output layer runs at every position.
     The output layer is called with the hidden states as its first positional argument, as
@@ -85,17 +85,3 @@ class GPTModelForSFT(GPTModel):
         selected_loss = super().compute_language_model_loss(selected_labels[None, :], logits)
         loss = selected_loss.new_zeros(seq * batch).index_copy(0, self.loss_positions, selected_loss.reshape(-1))
         return loss.view(seq, batch).t()
-
-
-@contextmanager
-def loss_tokens_only(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Within this block, ``model``'s output layer and loss run at ``positions`` only
-    (flat indices in megatron's [s, b] token order, as ``MicroBatch.positions_with_loss``)."""
-    chunks = [m for m in model.modules() if isinstance(m, GPTModelForSFT) and m.selects_loss_tokens]
-    for chunk in chunks:
-        chunk.loss_positions = positions
-    try:
-        yield
-    finally:
-        for chunk in chunks:
-            chunk.loss_positions = None

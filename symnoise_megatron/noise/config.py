@@ -32,10 +32,9 @@ class NoiseConfig:
     pairing: str = "concat"
 
     def __post_init__(self):
-        if self.kind not in NOISE_KINDS:
-            raise ValueError(f"noise kind {self.kind!r} is not one of {', '.join(NOISE_KINDS)}")
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"noise pairing {self.pairing!r} is not one of {', '.join(PAIRINGS)}")
+        # Named by the fine-tune's flags: its argument check is this constructor.
+        if self.kind not in NOISE_KINDS or self.pairing not in PAIRINGS:
+            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
         if self.alpha < 0:
             raise ValueError(f"noise alpha must be >= 0, got {self.alpha}")
         if not 0 <= self.seed < 2**32:
@@ -53,6 +52,15 @@ class NoiseConfig:
     def copies(self) -> int:
         """Forward passes each sample makes per step: 2 for SymNoise, else 1."""
         return 2 if self.is_symmetric else 1
+
+    def rows_per_microbatch(self, micro_batch_size: int) -> int:
+        """Rows of each micro-batch a step runs: ``concat`` pairing carries both copies in one."""
+        return micro_batch_size * (self.copies if self.pairing == "concat" else 1)
+
+    def microbatches_per_step(self, num_microbatches: int) -> int:
+        """Micro-batches a step runs for ``num_microbatches`` of data: ``microbatch`` pairing runs
+        each copy as its own micro-batch."""
+        return num_microbatches * (self.copies if self.pairing == "microbatch" else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

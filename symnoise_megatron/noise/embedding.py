@@ -46,7 +46,7 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
     activations before the first transformer layer and any pipeline boundary.
 
     The forward step hands each micro-batch's :class:`NoiseBatch` through
-    :func:`set_noise_batch` before calling the model.
+    :func:`set_noise_batch` for the length of one forward (``model.step_inputs``).
     """
 
     def __init__(self, *args, noise_config: NoiseConfig, **kwargs):

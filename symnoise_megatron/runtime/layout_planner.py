@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import List
 
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
-from symnoise_megatron.training.metrics import PEAK_TFLOPS, flops_per_token
+from symnoise_megatron.model.parallelism import ParallelConfig, validate_layout
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.runtime.hardware import GPU_MEMORY_GB, peak_tflops
 
-GPU_MEMORY_GB = {"H100": 80.0, "H200": 141.0, "A100": 80.0}
 GPUS_PER_NODE = 8
 FIXED_OVERHEAD_GB = 5.0
 MIN_TOKENS_PER_CONTEXT_RANK = 2048
@@ -78,6 +79,13 @@ class PlanInputs:
     distributed_optimizer: bool = True
     make_vocab_size_divisible_by: int = 128
 
+    @property
+    def noise(self) -> NoiseConfig:
+        """The noise whose pairing the plan counts rows and micro-batches for."""
+        if self.pairing == "none":
+            return NoiseConfig("none")
+        return NoiseConfig("symmetric", pairing=self.pairing)
+
 
 @dataclass(frozen=True)
 class LayoutPlan:
@@ -100,10 +108,9 @@ class LayoutPlan:
 
 
 def layer_parameters(model: ModelConfig) -> int:
-    """Parameters of one transformer layer (LLaMA: attention, SwiGLU MLP, two norms)."""
+    """Parameters of one transformer layer: attention, MLP and two norms."""
     return (model.num_parameters() - embedding_parameters(model, model.vocab_size)
-            - (model.hidden_size if model.architecture == "llama" else 2 * model.hidden_size
-               + model.max_position_embeddings * model.hidden_size)) // model.num_layers
+            - model.norm_parameters - model.position_embedding_parameters) // model.num_layers
 
 
 def embedding_parameters(model: ModelConfig, vocab: int) -> int:
@@ -115,30 +122,32 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int, vocab_div
     (vocabulary padded; norms replicated over TP; a tied output layer kept on the last stage too)."""
     vocab = padded_vocab_size(model.vocab_size, vocab_divisible_by, tp)
     h, layers = model.hidden_size, model.num_layers // pp
-    per_layer_norms = 2 * h if model.architecture == "llama" else 4 * h
+    per_layer_norms = 2 * model.norm_parameters
     sharded_layer = layer_parameters(model) - per_layer_norms
     held = layers * (sharded_layer // tp + per_layer_norms)
     first, last = stage == 0, stage == pp - 1
     if first:
         held += vocab * h // tp
     if last:
-        held += h if model.architecture == "llama" else 2 * h  # final norm
+        held += model.norm_parameters  # final norm
         if not model.tie_word_embeddings or pp > 1:
             held += vocab * h // tp  # output layer (a tied one is a copy on the last stage)
     return held
 
 
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _splits(model: ModelConfig, tp: int, pp: int) -> bool:
+    try:
+        validate_layout(model, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    except ValueError:
+        return False
+    return True
 
 
 def valid_layouts(inputs: PlanInputs):
     model = inputs.model
     for tp in (t for t in (1, 2, 4, 8) if t <= GPUS_PER_NODE):
-        if model.num_attention_heads % tp or model.query_groups % tp:
-            continue
-        for pp in _divisors(model.num_layers):
-            if pp > 32:
+        for pp in range(1, min(model.num_layers, 32) + 1):
+            if not _splits(model, tp, pp):
                 continue
             for cp in CONTEXT_PARALLEL_SIZES:
                 if inputs.seq_length % (2 * cp * tp) or (cp > 1 and inputs.seq_length // cp < MIN_TOKENS_PER_CONTEXT_RANK):
@@ -159,7 +168,7 @@ def plan(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: int) -> LayoutPlan:
     weights = held * (3 if inputs.fp8 else 2)
     gradients = held * 4
     optimizer = held * 12 / ((dp * cp) if inputs.distributed_optimizer else 1)
-    rows = inputs.micro_batch_size * (2 if inputs.pairing == "concat" else 1)
+    rows = inputs.noise.rows_per_microbatch(inputs.micro_batch_size)
     per_layer_bytes = (2 if inputs.recompute == "full" else 34) * inputs.seq_length * rows * model.hidden_size / (tp * cp)
     layers_per_stage = model.num_layers // pp
     activations = per_layer_bytes * layers_per_stage * min(pp, max(1, _microbatches(inputs, dp)))
@@ -176,13 +185,13 @@ def plan(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: int) -> LayoutPlan:
 
 def _microbatches(inputs: PlanInputs, dp: int) -> int:
     per_replica = inputs.global_batch_size // (inputs.micro_batch_size * dp)
-    return per_replica * (2 if inputs.pairing == "microbatch" else 1)
+    return inputs.noise.microbatches_per_step(per_replica)
 
 
 def step_seconds(inputs: PlanInputs, pp: int, dp: int) -> float:
-    copies = 1 if inputs.pairing == "none" else 2
-    flops = flops_per_token(inputs.model, inputs.seq_length) * inputs.global_batch_size * inputs.seq_length * copies
-    peak = PEAK_TFLOPS[inputs.gpu] * 1e12 * (2 if inputs.fp8 and inputs.gpu in ("H100", "H200") else 1)
+    copies = inputs.noise.copies
+    flops = inputs.model.flops_per_token(inputs.seq_length) * inputs.global_batch_size * inputs.seq_length * copies
+    peak = peak_tflops(inputs.gpu, inputs.fp8) * 1e12
     compute = flops / (inputs.gpus * peak * inputs.mfu)
     return compute * (1 + (pp - 1) / _microbatches(inputs, dp))
 
@@ -199,7 +208,7 @@ def tensor_parallel_seconds(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: i
     """Sequence parallelism's activation collectives of one GPU's layers over the step."""
     if tp == 1:
         return 0.0
-    rows = inputs.micro_batch_size * (2 if inputs.pairing == "concat" else 1)
+    rows = inputs.noise.rows_per_microbatch(inputs.micro_batch_size)
     per_layer = 8 * (inputs.seq_length // cp) * rows * inputs.model.hidden_size * 2 * (tp - 1) / tp
     return per_layer * (inputs.model.num_layers // pp) * _microbatches(inputs, dp) / (NVLINK_GBPS * 1e9)
 
@@ -207,7 +216,7 @@ def tensor_parallel_seconds(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: i
 def pipeline_seconds(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: int) -> float:
     if pp == 1:
         return 0.0
-    rows = inputs.micro_batch_size * (2 if inputs.pairing == "concat" else 1)
+    rows = inputs.noise.rows_per_microbatch(inputs.micro_batch_size)
     message = (inputs.seq_length // cp) * rows * inputs.model.hidden_size * 2 / tp
     bandwidth = (inputs.network_gbps if tp * cp >= GPUS_PER_NODE else NVLINK_GBPS) * 1e9
     return 4 * message * _microbatches(inputs, dp) / bandwidth

@@ -1,50 +1,15 @@
-"""Process groups: the parallel layout and megatron-core's parallel state."""
+"""Process groups: megatron-core's parallel state for a layout, and this rank's device."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """The parallel layout, named as Megatron-LM's flags name it.
-
-    Attributes:
-        tensor_model_parallel_size: ranks that split each layer's weights (TP).
-        pipeline_model_parallel_size: stages the layers are split into (PP).
-        virtual_pipeline_model_parallel_size: model chunks per stage (interleaved 1F1B).
-        sequence_parallel: split norms/dropout activations along the sequence over TP.
-        context_parallel_size: ranks that split each sequence (CP).
-    """
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    sequence_parallel: bool = False
-    context_parallel_size: int = 1
-
-    @property
-    def model_parallel_size(self) -> int:
-        return (
-            self.tensor_model_parallel_size
-            * self.pipeline_model_parallel_size
-            * self.context_parallel_size
-        )
-
-    def data_parallel_size(self, world_size: int) -> int:
-        if world_size % self.model_parallel_size:
-            raise ValueError(
-                f"world size {world_size} is not divisible by TP x PP x CP = "
-                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
-                f"{self.context_parallel_size}"
-            )
-        return world_size // self.model_parallel_size
+from symnoise_megatron.model.parallelism import ParallelConfig
 
 
 def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None, seed: int = 1234) -> None:

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.model.config import PRESETS
-from symnoise_megatron.noise.config import NOISE_KINDS, PAIRINGS
+from symnoise_megatron.noise.config import NoiseConfig
 
 
 # Megatron-LM's --tokenizer-type names -> the kind of tokenizer the data meta records.
@@ -197,8 +197,11 @@ class NoiseOptions:
                "--noise-pairing although they differ from the checkpoint's (default: refuse)")
 
     def validate(self) -> None:
-        if self.noise_kind not in NOISE_KINDS or self.noise_pairing not in PAIRINGS:
-            raise ValueError(f"--noise-kind must be one of {NOISE_KINDS} and --noise-pairing one of {PAIRINGS}")
+        self.noise_config()
+
+    def noise_config(self) -> NoiseConfig:
+        """The model's noise settings (NoiseConfig checks them, naming these flags)."""
+        return NoiseConfig(self.noise_kind, self.noise_alpha, self.noise_seed, self.noise_pairing)
 
 
 @dataclass

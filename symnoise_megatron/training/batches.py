@@ -8,7 +8,7 @@ import torch
 
 from symnoise_megatron.data.sft_dataset import Sample, collate, empty_packed_row, pack
 from symnoise_megatron.training.arguments import TrainingConfig
-from symnoise_megatron.training.microbatch import MicroBatch, concatenate
+from symnoise_megatron.data.microbatch import MicroBatch, concatenate
 
 
 def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[MicroBatch]:

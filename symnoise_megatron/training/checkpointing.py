@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ import torch.distributed as dist
 
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.checkpoint.load import model_sharded_state_dict, model_state_names
+from symnoise_megatron.common.files import sha256_of_file, write_json_atomically
+from symnoise_megatron.common.processes import pid_alive
 
 
 def _state(chunks, optimizer, is_loading, optimizer_format: Optional[dict] = None):
@@ -132,7 +133,6 @@ def _format_to_read(directory: str, recorded: Optional[dict], ours: Optional[dic
 MANIFEST = "symnoise_manifest.json"
 LOCK = "symnoise_save.lock"
 _PR_SET_PDEATHSIG = 1
-_HASH_CHUNK = 16 << 20
 
 
 # Writers die with their parent ------------------------------------------------------------
@@ -175,14 +175,6 @@ class _WritersDieWithSaver:
 
 
 # Checksums -----------------------------------------------------------------------------
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(directory: str):
     out = []
     for base, _, names in os.walk(directory):
@@ -207,16 +199,12 @@ def _writer(name: str, world: int) -> int:
 def write_manifest(directory: str) -> None:
     """Every rank hashes the shards it wrote; rank 0 writes the manifest (before the rename)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
+    mine = {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "sha256": sha256_of_file(os.path.join(directory, name))}
             for name in _files(directory) if _writer(name, world) == rank}
     entries = {name: entry for share in _gather(mine) for name, entry in share.items()}
     if dist.get_rank() == 0:
-        temporary = os.path.join(directory, MANIFEST + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"algorithm": "sha256", "files": entries}, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, MANIFEST))
+        write_json_atomically(os.path.join(directory, MANIFEST), {"algorithm": "sha256", "files": entries},
+                              fsync=True, indent=1, sort_keys=True)
 
 
 def previous_checkpoint(root: str, iteration: Optional[int]) -> str:
@@ -259,7 +247,7 @@ def verify_checkpoint(root: str, log=print) -> None:
             problems.append(f"{path} has {os.path.getsize(path)} bytes, the save wrote {entry['bytes']} (truncated or overwritten)")
         else:
             hashed += entry["bytes"]
-            if _sha256(path) != entry["sha256"]:
+            if sha256_of_file(path) != entry["sha256"]:
                 problems.append(f"{path} is corrupted: its SHA-256 differs from the one written at save")
     shares = _gather((problems, hashed))
     problems = [p for share, _ in shares for p in share]
@@ -271,14 +259,6 @@ def verify_checkpoint(root: str, log=print) -> None:
 
 
 # One run per --save ----------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as error:
-        return error.errno == errno.EPERM
-    return True
-
-
 class SaveLock:
     """An exclusive ``flock`` on ``<save>/symnoise_save.lock`` holding this run's PID and host.
 
@@ -305,7 +285,7 @@ class SaveLock:
         left = self._holder()
         if left:
             here = socket.gethostname()
-            dead = left.get("host") == here and not _alive(int(left.get("pid", 0)))
+            dead = left.get("host") == here and not pid_alive(int(left.get("pid", 0)))
             log(f"WARNING: taking over the lock of a run that is gone (pid {left.get('pid')} on {left.get('host')}"
                 f"{', no longer running' if dead else ''}) in {self.path}")
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -7,10 +7,9 @@ from typing import Iterator
 
 import torch
 
-from symnoise_megatron.model.loss_tokens import loss_tokens_only
+from symnoise_megatron.data.microbatch import MicroBatch
 from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
-from symnoise_megatron.noise.embedding import set_noise_batch
-from symnoise_megatron.training.microbatch import MicroBatch
+from symnoise_megatron.model.step_inputs import step_inputs
 
 
 def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -54,14 +53,13 @@ def _check_thd_input(model, rows: int, seq: int) -> None:
 def forward_step(data_iterator: Iterator[MicroBatch], model):
     """Run one micro-batch through this rank's model chunk; return output and loss function."""
     microbatch = next(data_iterator)
-    set_noise_batch(model, microbatch.noise_batch())
     if packs_in_thd(model, microbatch):
         # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
         # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
         rows, seq = microbatch.tokens.shape
         _check_thd_input(model, rows, seq)
         flat = lambda t: t.reshape(1, rows * seq)  # noqa: E731
-        with loss_tokens_only(model, thd_loss_positions(microbatch.positions_with_loss(), rows, seq)):
+        with step_inputs(model, microbatch.noise_batch(), thd_loss_positions(microbatch.positions_with_loss(), rows, seq)):
             output = model(
                 flat(microbatch.tokens),
                 flat(microbatch.position_ids),
@@ -71,7 +69,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
             )
         # The per-token losses come back [1, b * s]: row-major, as the loss mask flattens.
         return output, partial(token_loss, microbatch.loss_mask)
-    with loss_tokens_only(model, microbatch.positions_with_loss()):
+    with step_inputs(model, microbatch.noise_batch(), microbatch.positions_with_loss()):
         output = model(
             microbatch.tokens,
             microbatch.position_ids,

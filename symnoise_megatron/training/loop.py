@@ -24,7 +24,7 @@ from symnoise_megatron.training.batches import StepBatches
 from symnoise_megatron.training.datasets import check_tokenizers, load_training_data
 from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.metrics_sink import MetricsSink, check_logging_packages
-from symnoise_megatron.training.microbatch import MicroBatch, microbatch_rows, microbatches_per_step, paired_microbatches
+from symnoise_megatron.data.microbatch import MicroBatch, paired_microbatches
 from symnoise_megatron.training.model_chunks import (
     build_training_chunks, build_transformer_config, check_transformer_engine_features, parallel_layout,
     resolve_model_config,
@@ -67,8 +67,7 @@ class Trainer:
         self.sampler = self._sampler(len(self.datasets.train_indices))
         self.start = ResumeOrLoad(config, log)
         self.start.check_checkpoint(self.model_config)
-        self.noise = NoiseConfig(config.noise.noise_kind, config.noise.noise_alpha, config.noise.noise_seed,
-                                 config.noise.noise_pairing)
+        self.noise = config.noise.noise_config()
         self.start.check_noise(self.noise)
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
@@ -191,10 +190,10 @@ class Trainer:
 
         paired = [mb.to(self.device) for mb in paired_microbatches(microbatches, noise)]
         iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
-        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], microbatch_rows(microbatches[0].size, noise))
+        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], noise.rows_per_microbatch(microbatches[0].size))
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=microbatches_per_step(len(microbatches), noise), seq_length=seq_length,
+            num_microbatches=noise.microbatches_per_step(len(microbatches)), seq_length=seq_length,
             micro_batch_size=rows, forward_only=forward_only,
         )
         return self._global_loss(reports)

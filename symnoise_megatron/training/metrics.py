@@ -1,32 +1,10 @@
-"""Throughput, model FLOPs and Megatron-LM's log line."""
+"""Memory in use and Megatron-LM's log line."""
 
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
-
-from symnoise_megatron.model.config import ModelConfig
-
-# Dense BF16 peak per GPU (TFLOP/s); FP8 doubles it on Hopper.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def flops_per_token(model: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x parameters + attention scores."""
-    attention = 12 * model.num_layers * model.hidden_size * seq_length
-    return 6.0 * model.num_parameters() + attention
-
-
-def device_peak_tflops(fp8: bool) -> Optional[float]:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_TFLOPS.items():
-        if key in name:
-            return peak * (2 if fp8 and key in ("H100", "H200") else 1)
-    return None
 
 
 def memory_gb() -> float:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 from symnoise_megatron.model.config import ModelConfig
+from symnoise_megatron.runtime.hardware import device_peak_tflops
 from symnoise_megatron.training import metrics
 from symnoise_megatron.training.arguments import LoggingOptions, TrainingConfig
 
@@ -51,8 +52,8 @@ class MetricsSink:
 
     def start(self) -> None:
         """At the start of training: the device's peak, the model's FLOPs per token, an empty window."""
-        self.peak = metrics.device_peak_tflops(self.fp8)
-        self.flops_per_token = metrics.flops_per_token(self.model_config, self.seq_length)
+        self.peak = device_peak_tflops(self.fp8)
+        self.flops_per_token = self.model_config.flops_per_token(self.seq_length)
         self.world = dist.get_world_size()
         self._open_window()
 

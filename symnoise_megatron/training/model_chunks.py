@@ -11,13 +11,12 @@ import torch.distributed as dist
 
 from symnoise_megatron.checkpoint.convert import model_config_of
 from symnoise_megatron.checkpoint.load import load_model_weights
-from symnoise_megatron.checkpoint.verify import validate_layout
 from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import ModelConfig, preset
+from symnoise_megatron.model.parallelism import ParallelConfig, validate_layout
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import noisy_embeddings
 from symnoise_megatron.runtime.cpu import is_cpu_only
-from symnoise_megatron.runtime.parallel import ParallelConfig
 from symnoise_megatron.training.arguments import TrainingConfig
 
 

@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 from symnoise_megatron.checkpoint.convert import check_hf_checkpoint, model_config_from_hf, read_hf_config, tokenizer_vocab_size
 from symnoise_megatron.checkpoint.hf_config import UnsupportedCheckpoint
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader
-from symnoise_megatron.checkpoint.verify import validate_layout
 from symnoise_megatron.model.config import ModelConfig
-from symnoise_megatron.runtime.parallel import ParallelConfig
+from symnoise_megatron.model.parallelism import ParallelConfig, validate_layout
 from tests.checkpoint.conftest import make_hf_model
 
 

@@ -13,7 +13,8 @@ TOLERANCE = 1e-4  # fp32
 
 def compare_all(pairs, tp, pp):
     from symnoise_megatron.checkpoint.verify import compare_with_transformers
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.model.parallelism import ParallelConfig
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     parallel = ParallelConfig(tp, pp)
     initialize_distributed(parallel)

@@ -33,7 +33,8 @@ def convert_back(megatron_dir, returned_dir):
 
 def compare(hf_dir, megatron_dir, tp, pp):
     from symnoise_megatron.checkpoint.verify import compare_with_transformers
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.model.parallelism import ParallelConfig
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     parallel = ParallelConfig(tp, pp)
     initialize_distributed(parallel)

@@ -54,11 +54,12 @@ def megatron_under_every_tp(pairs):
     from symnoise_megatron.checkpoint import paths
     from symnoise_megatron.checkpoint.convert import model_config_of
     from symnoise_megatron.checkpoint.load import load_model_weights
+    from symnoise_megatron.data.microbatch import attention_mask_from_positions, loss_positions
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
-    from symnoise_megatron.model.loss_tokens import loss_tokens_only
+    from symnoise_megatron.model.parallelism import ParallelConfig
+    from symnoise_megatron.model.step_inputs import step_inputs
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
-    from symnoise_megatron.training.microbatch import attention_mask_from_positions, loss_positions
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     tokens, labels, loss_mask = batch()
     position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
@@ -76,7 +77,7 @@ def megatron_under_every_tp(pairs):
             load_model_weights([model], paths.latest_checkpoint_dir(megatron_dir))
             for path in ("loss tokens only", "full"):
                 model.zero_grad()
-                selecting = loss_tokens_only(model, loss_positions(loss_mask)) if path == "loss tokens only" else nullcontext()
+                selecting = step_inputs(model, loss_positions=loss_positions(loss_mask)) if path == "loss tokens only" else nullcontext()
                 with selecting:
                     per_token = model(tokens, position_ids, attention_mask, labels=labels)
                 (torch.sum(per_token * loss_mask) / loss_mask.sum()).backward()

@@ -113,12 +113,13 @@ def test_pack_keeps_every_token_and_per_sample_coordinates(bundled_prefix):
 
 
 def losses_packed_and_unpacked(prefix):
+    from symnoise_megatron.data.microbatch import concatenate
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
+    from symnoise_megatron.model.step_inputs import step_inputs
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.noise.embedding import set_noise_batch
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
-    from symnoise_megatron.training.microbatch import concatenate
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     initialize_distributed(ParallelConfig())
     model_config = ModelConfig(vocab_size=1024, max_position_embeddings=SEQ)
@@ -130,8 +131,7 @@ def losses_packed_and_unpacked(prefix):
         per_uid = {}
         for training in (True, False):
             model.train(training)
-            set_noise_batch(model, batch.noise_batch())
-            with torch.no_grad():
+            with torch.no_grad(), step_inputs(model, batch.noise_batch()):
                 loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
             for uid in {int(u) for u in batch.sample_uids.flatten()}:
                 where = (batch.sample_uids == uid) if batch.sample_uids.dim() == 2 else (batch.sample_uids == uid)[:, None].expand_as(loss)

@@ -6,7 +6,7 @@ import pytest
 
 from symnoise_megatron.model import builder
 from symnoise_megatron.model.config import preset
-from symnoise_megatron.runtime.parallel import ParallelConfig
+from symnoise_megatron.model.parallelism import ParallelConfig
 
 
 @pytest.mark.parametrize("name, fused", [("opt-6.7b", False), ("llama2-7b", True)])

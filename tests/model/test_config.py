@@ -28,3 +28,19 @@ def test_bad_shapes_are_rejected_with_the_reason():
         ModelConfig(architecture="mistral")
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("llama4")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("llama2-7b", dict(normalization="RMSNorm", gated_linear_unit=True, activation="silu", linear_biases=False,
+                       position_embedding_type="rope", unused_position_rows=0, hf_model_type="llama")),
+    ("opt-6.7b", dict(normalization="LayerNorm", gated_linear_unit=False, activation="relu", linear_biases=True,
+                      position_embedding_type="learned_absolute", unused_position_rows=2, hf_model_type="opt")),
+])
+def test_the_architecture_is_read_through_its_properties(name, expected):
+    model = preset(name)
+    assert {key: getattr(model, key) for key in expected} == expected
+
+
+def test_flops_per_token_are_six_per_parameter_plus_attention():
+    model = preset("llama2-7b")
+    assert model.flops_per_token(4096) == 6.0 * model.num_parameters() + 12 * 32 * 4096 * 4096

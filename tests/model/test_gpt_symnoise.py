@@ -26,7 +26,7 @@ RUNS = {
 
 
 def microbatches():
-    from symnoise_megatron.training.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
 
     generator = torch.Generator().manual_seed(1)
     out = []
@@ -46,15 +46,14 @@ def microbatches():
 def train_tp2_pp2():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from symnoise_megatron.data.microbatch import paired_microbatches
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
     from symnoise_megatron.noise.embedding import noisy_embeddings
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
     from symnoise_megatron.training.forward_step import forward_step
-    from symnoise_megatron.training.microbatch import (
-        microbatch_rows, microbatches_per_step, paired_microbatches,
-    )
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     initialize_distributed(parallel)
@@ -86,9 +85,9 @@ def train_tp2_pp2():
                 forward_step_func=forward_step,
                 data_iterator=paired_microbatches(microbatches(), step_noise),
                 model=[model],
-                num_microbatches=microbatches_per_step(MICRO_BATCHES, step_noise),
+                num_microbatches=step_noise.microbatches_per_step(MICRO_BATCHES),
                 seq_length=SEQ,
-                micro_batch_size=microbatch_rows(MICRO_BATCH, step_noise),
+                micro_batch_size=step_noise.rows_per_microbatch(MICRO_BATCH),
                 forward_only=evaluate,
             )
             report = torch.stack([entry["lm loss"] for entry in losses]).sum(0) if losses else None

@@ -23,7 +23,7 @@ ARCHITECTURES = {
 
 def microbatches():
     """Prompts of 4-6 tokens, responses to each sample's length; the last micro-batch is all prompt."""
-    from symnoise_megatron.training.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
 
     generator = torch.Generator().manual_seed(3)
     out = []
@@ -40,12 +40,12 @@ def microbatches():
 
 def full_output_layer_step(data_iterator, model):
     """The forward step with megatron-core's own output layer over every position."""
-    from symnoise_megatron.noise.embedding import set_noise_batch
+    from symnoise_megatron.model.step_inputs import step_inputs
     from symnoise_megatron.training.forward_step import token_loss
 
     microbatch = next(data_iterator)
-    set_noise_batch(model, microbatch.noise_batch())
-    output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask, labels=microbatch.labels)
+    with step_inputs(model, microbatch.noise_batch()):
+        output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask, labels=microbatch.labels)
     return output, partial(token_loss, microbatch.loss_mask)
 
 
@@ -63,8 +63,9 @@ def train_both_ways():
 
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
     from symnoise_megatron.training.forward_step import forward_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)

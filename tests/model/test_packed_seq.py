@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from symnoise_megatron.data.microbatch import concatenate
 from symnoise_megatron.data.sft_dataset import Sample, collate, empty_packed_row, pack
 from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions, thd_segments
 from symnoise_megatron.training.forward_step import forward_step
-from symnoise_megatron.training.microbatch import concatenate
 
 SEQ = 8
 

@@ -42,11 +42,12 @@ def embed_under_layouts():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
+    from symnoise_megatron.data.microbatch import context_parallel_index
     from symnoise_megatron.model.builder import make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise.embedding import NoiseBatch, NoisyVocabParallelEmbedding, set_noise_batch
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
-    from symnoise_megatron.training.microbatch import context_parallel_index
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     model = ModelConfig(hidden_size=HIDDEN, num_attention_heads=4, vocab_size=VOCAB)
     tokens, positions, lengths, uids = global_batch()

@@ -84,8 +84,9 @@ def embed_both_ways(sequence_parallel):
 
     from symnoise_megatron.model.builder import make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise.embedding import NoiseBatch, NoisyVocabParallelEmbedding, set_noise_batch
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
     initialize_distributed(parallel)

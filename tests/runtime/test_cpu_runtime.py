@@ -5,8 +5,8 @@ from unittest import mock
 import pytest
 import torch
 
+from symnoise_megatron.model.parallelism import ParallelConfig
 from symnoise_megatron.runtime.cpu import cpu_runtime
-from symnoise_megatron.runtime.parallel import ParallelConfig
 
 
 def test_cuda_placements_become_cpu_inside_only():

@@ -23,8 +23,9 @@ def parameters_per_rank(model, tp, pp):
     from megatron.core import parallel_state
 
     from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
 
     parallel = ParallelConfig(tp, pp)
     initialize_distributed(parallel)
@@ -65,6 +66,15 @@ def test_every_ranked_layout_is_valid_and_fitting_ones_come_first():
         assert p.tp * p.pp * p.cp * p.dp == 64 and p.tp <= 8
         assert inputs.model.query_groups % p.tp == 0 and inputs.model.num_layers % p.pp == 0
         assert inputs.global_batch_size % p.dp == 0
+
+
+def test_layouts_whose_tensor_parallelism_cannot_split_the_ffn_are_not_offered():
+    def offered_tp(ffn_hidden_size):
+        model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=8, ffn_hidden_size=ffn_hidden_size)
+        return {p.tp for p in ranked_plans(PlanInputs(model, seq_length=512, global_batch_size=64, gpus=8))}
+
+    assert offered_tp(176) == {1, 2, 4, 8}
+    assert offered_tp(174) == {1, 2}  # 174 = 2 x 87: TP 4 and 8 cannot split the FFN
 
 
 @pytest.mark.parametrize("nodes, gpus", [(8, 64), (16, 128)])

@@ -34,8 +34,9 @@ def optimizer_megatron_builds():
 
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
     from symnoise_megatron.noise import NoiseConfig
-    from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+    from symnoise_megatron.runtime.parallel import initialize_distributed
     from symnoise_megatron.training.optimizer import build_optimizer
 
     parallel = ParallelConfig()

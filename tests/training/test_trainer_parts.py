@@ -1,5 +1,7 @@
 """The trainer's parts on their own: the stop conditions and the metrics sink's window."""
 
+import pytest
+
 from tests.distributed import run_distributed
 
 
@@ -40,6 +42,7 @@ def stop_reasons_and_window():
     return reasons, elapsed, due, sink.window_tokens, messages
 
 
+@pytest.mark.distributed
 def test_stop_conditions_and_the_throughput_window():
     reasons, elapsed, due, tokens, messages = run_distributed(stop_reasons_and_window, 1)[0]
     assert reasons == [None, None, "exit condition", "SIGTERM", "exit condition"]

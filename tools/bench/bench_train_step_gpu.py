@@ -68,10 +68,10 @@ def measure(args, prefix, noise_kind, pairing, precision):
     from megatron.core import parallel_state
 
     from symnoise_megatron.model.builder import transformer_engine_available
+    from symnoise_megatron.runtime.hardware import device_peak_tflops
     from symnoise_megatron.runtime.layout_planner import PlanInputs, plan
     from symnoise_megatron.training.arguments import TrainingConfig
     from symnoise_megatron.training.loop import Trainer
-    from symnoise_megatron.training.metrics import device_peak_tflops, flops_per_token
 
     recipe = fp8_recipe(precision)
     config = TrainingConfig.from_flags(
@@ -98,7 +98,7 @@ def measure(args, prefix, noise_kind, pairing, precision):
         device=device_name(), spec="te" if transformer_engine_available() else "local", precision=precision,
         noise=noise_kind, pairing=pairing, layers=args.num_layers, seq_length=args.seq_length,
         step_s=sorted(times)[len(times) // 2], data_tokens=args.global_batch_size * args.seq_length,
-        copies=2 if noise_kind == "symmetric" else 1, flops_per_token=flops_per_token(trainer.model_config, args.seq_length),
+        copies=2 if noise_kind == "symmetric" else 1, flops_per_token=trainer.model_config.flops_per_token(args.seq_length),
         peak_tflops=device_peak_tflops(bool(recipe)), peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
         planner_memory_gb=planned.total_gb)
     parallel_state.destroy_model_parallel()
@@ -112,7 +112,8 @@ def layers_that_fit(args) -> int:
     """The most layers (up to the preset's 32) whose planner estimate fits the card under the
     heaviest setting asked for (FP8 adds weight copies, concat doubles the activations)."""
     from symnoise_megatron.model.config import preset
-    from symnoise_megatron.runtime.layout_planner import GPU_MEMORY_GB, USABLE_FRACTION, PlanInputs, plan
+    from symnoise_megatron.runtime.hardware import GPU_MEMORY_GB
+    from symnoise_megatron.runtime.layout_planner import USABLE_FRACTION, PlanInputs, plan
 
     name = torch.cuda.get_device_name()
     gpu = "H200" if "H200" in name else "H100"

@@ -69,7 +69,7 @@ def model_config(args, vocab: int):
 def build(model, noise, transformer_engine: bool):
     """One BF16 chunk on the GPU (unwrapped: the loader fills it before Float16Module wraps it)."""
     from symnoise_megatron.model import builder
-    from symnoise_megatron.runtime.parallel import ParallelConfig
+    from symnoise_megatron.model.parallelism import ParallelConfig
 
     with mock.patch.object(builder, "transformer_engine_available", return_value=transformer_engine):
         config = builder.make_transformer_config(model, ParallelConfig(), params_dtype=torch.bfloat16)
@@ -124,10 +124,10 @@ def per_sample_losses(output: torch.Tensor, mb) -> dict:
 
 def phase_forward(args, prefix):
     """Logits of both specs on the same tokens; packed vs padded per-sample losses on TE."""
+    from symnoise_megatron.data.microbatch import attention_mask_from_positions, concatenate
     from symnoise_megatron.data.sft_dataset import Sample, SFTIndexedData, collate, empty_packed_row, pack
     from symnoise_megatron.noise.config import NoiseConfig
     from symnoise_megatron.training.forward_step import forward_step
-    from symnoise_megatron.training.microbatch import attention_mask_from_positions, concatenate
 
     root = os.path.join(args.workdir, "weights")
     noise = NoiseConfig("symmetric", ALPHA, 1234, "concat")
@@ -230,7 +230,8 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     prefix = data_prefix(args.workdir, args.seq_length)
     if args.phase:
-        from symnoise_megatron.runtime.parallel import ParallelConfig, initialize_distributed
+        from symnoise_megatron.model.parallelism import ParallelConfig
+        from symnoise_megatron.runtime.parallel import initialize_distributed
 
         if args.phase in ("weights", "forward"):
             initialize_distributed(ParallelConfig(), seed=args.seed)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from symnoise_megatron.data.sft_dataset import Sample, collate
-from symnoise_megatron.training.microbatch import concatenate
+from symnoise_megatron.data.microbatch import concatenate
 
 
 def microbatch():

@@ -140,20 +140,6 @@ def paired_microbatches(
             yield microbatch.with_sign(-1)
 
 
-def microbatches_per_step(num_microbatches: int, noise: NoiseConfig) -> int:
-    """How many micro-batches the schedule runs for ``num_microbatches`` of data."""
-    if noise.is_symmetric and noise.pairing == "microbatch":
-        return 2 * num_microbatches
-    return num_microbatches
-
-
-def microbatch_rows(micro_batch_size: int, noise: NoiseConfig) -> int:
-    """Rows of each micro-batch the pipeline stages exchange (doubled by ``concat``)."""
-    if noise.is_symmetric and noise.pairing == "concat":
-        return 2 * micro_batch_size
-    return micro_batch_size
-
-
 def context_parallel_index(seq_length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     """The sequence positions a context-parallel rank holds, as megatron-core splits them.
 
