@@ -18,6 +18,10 @@
 set -euo pipefail
 configs_dir="$(dirname "$0")/configs"
 : "${DATASET:=alpaca}" "${PRESET:=llama2-7b}" "${NNODES:=1}"
+if [ -n "${PRECISION+set}" ]; then  # the variable of the shell presets this script had before the run configs
+  echo "PRECISION is no longer read: the layout file sets the precision; for another, add a run-config file with" \
+       "CONFIGS (e.g. one holding 'bf16: false' for FP32, or fp8_format/fp8_recipe)" >&2; exit 2
+fi
 [ -f "$configs_dir/$DATASET.yaml" ] || {
   echo "unknown DATASET $DATASET (alpaca, evol_instruct, sharegpt, open_platypus: $configs_dir/*.yaml)" >&2; exit 2; }
 case "${NOISE_KIND:-}" in

@@ -1,6 +1,6 @@
 """Imports run one way: a module imports only from its own folder or the folders below it.
 
-The order, lowest first, is ``LAYERS``; the top-level modules (``cli.py``, ``finetune.py``,
+The order, lowest first, is ``LAYERS``; the top-level modules (``finetune.py``,
 ``__init__.py``) and any folder not in the list sit above all of them. Every import counts,
 those inside functions included: a deferred import is still a dependency.
 """

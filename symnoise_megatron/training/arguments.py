@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Instruction fine-tuning with noisy embeddings (SymNoise) on megatron-core. "
         "Run under torchrun; without a GPU it runs on CPU with gloo.",
     )
-    parser.add_argument("--config", nargs="+", help="YAML or JSON file whose keys are these flags' names (command line "
+    parser.add_argument("--config", nargs="+", action="extend", help="YAML or JSON file whose keys are these flags' names (command line "
                         "wins); with several files, a later file wins over an earlier one")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__.split(chr(10))[0].rstrip('.')})")
@@ -337,4 +337,32 @@ def load_config_file(path: str) -> dict:
     unknown = set(values) - set(FLAG_SECTIONS)
     if unknown:
         raise ValueError(f"unknown configuration keys: {sorted(unknown)} in {path}")
-    return values
+    return {key: _as_flag_value(path, key, value) for key, value in values.items()}
+
+
+def _as_flag_value(path: str, key: str, value):
+    """A file's value as its flag would parse it (YAML reads 5e-5 as a string, 5 as an int), or an
+    error naming the file and the key; null clears an earlier file's value."""
+    kind = next(item.type for cls in SECTIONS.values() for item in fields(cls) if item.name == key)
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if value is None:
+        return None
+    if "List" in kind:
+        value = value if isinstance(value, list) else [value]
+        if all(isinstance(entry, str) for entry in value):
+            return value
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif "int" in kind:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif "float" in kind:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, str):
+        return value
+    raise ValueError(f"{path}: {key}: {value!r} is not what {_flag(key)} takes ({kind})")

@@ -82,29 +82,29 @@ def _torch_adam_state_loadable(optimizer):
 
     parts = [part for part in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(part, DistributedOptimizer)]
     patched = []
-    for part in parts:
-        inner = part.optimizer
-        fresh = [param for group in inner.param_groups for param in group["params"] if not inner.state.get(param)]
-        if isinstance(inner, torch.optim.Adam):  # not Transformer Engine's: its state is created by megatron-core
-            for param in fresh:
-                inner.state[param] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=param.device),
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
-        setter = part._set_main_param_and_optimizer_states
-
-        def keep_step(model_param, tensors, part=part, setter=setter):
-            group_index, group_order = part.model_param_group_index_map[model_param]
-            state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
-            if "step" in state:
-                # Restored as one tensor shared by all parameters, which Adam would count up once per parameter.
-                state["step"] = state["step"].clone()
-                tensors = {**tensors, "step": state["step"]}
-            setter(model_param, tensors)
-
-        part._set_main_param_and_optimizer_states = keep_step
-        patched.append(part)
     try:
+        for part in parts:
+            inner = part.optimizer
+            fresh = [param for group in inner.param_groups for param in group["params"] if not inner.state.get(param)]
+            if isinstance(inner, torch.optim.Adam):  # not Transformer Engine's: its state is created by megatron-core
+                for param in fresh:
+                    inner.state[param] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=param.device),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+            setter = part._set_main_param_and_optimizer_states  # megatron-core 0.16's reader (setup.py pins <0.17)
+
+            def keep_step(model_param, tensors, part=part, setter=setter):
+                group_index, group_order = part.model_param_group_index_map[model_param]
+                state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
+                if "step" in state:
+                    # Restored as one tensor shared by all parameters, which Adam would count up once per parameter.
+                    state["step"] = state["step"].clone()
+                    tensors = {**tensors, "step": state["step"]}
+                setter(model_param, tensors)
+
+            part._set_main_param_and_optimizer_states = keep_step
+            patched.append(part)
         with torch.no_grad():
             yield
     finally:

@@ -15,6 +15,9 @@ import sysconfig
 
 import pytest
 
+# Builds a wheel and starts interpreters that import torch and megatron-core: not the quick suite.
+pytestmark = pytest.mark.distributed
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMANDS = ["symnoise-preprocess", "symnoise-finetune", "symnoise-convert", "symnoise-verify", "symnoise-generate",
             "symnoise-metrics", "symnoise-compare", "symnoise-split", "symnoise-plan", "symnoise-materialize"]

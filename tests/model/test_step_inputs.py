@@ -1,9 +1,12 @@
 """The per-step inputs (noise batch, loss positions) last one forward: the forward step sets
 both and clears both, so no later forward sees a stale micro-batch."""
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
 
 VOCAB, SEQ, ROWS = 128, 16, 2
 

@@ -32,6 +32,24 @@ def test_later_config_files_win_and_the_command_line_over_all(tmp_path):
     config = parse_config(["--config", str(data_set), str(layout), "--data-path", "x", "--lr", "2e-5"])
     assert config.parallelism.tensor_model_parallel_size == 2 and config.parallelism.sequence_parallel
     assert config.noise.noise_alpha == 5.0 and config.optimizer.train_iters == 100 and config.optimizer.lr == 2e-5
+    # --config given twice (a launch script's files, then the user's): all files count, in order.
+    repeated = parse_config(["--config", str(data_set), "--config", str(layout), "--data-path", "x"])
+    assert repeated.flags() == parse_config(["--config", str(data_set), str(layout), "--data-path", "x"]).flags()
+
+
+def test_config_file_values_take_their_flags_types_or_are_refused_by_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 5e-5\nnoise-alpha: 5\ntrain-iters: 10\nbf16: false\ndata-path: prefix\n")
+    config = parse_config(["--config", str(path)])
+    # YAML reads 5e-5 as a string and 5 as an int: the command line would give floats.
+    assert config.optimizer.lr == 5e-5 and type(config.noise.noise_alpha) is float and config.noise.noise_alpha == 5.0
+    assert config.data.data_path == ["prefix"] and config.precision.bf16 is False
+    path.write_text("train-iters: 1.5\n")
+    with pytest.raises(ValueError, match="train_iters: 1.5 is not what --train-iters takes"):
+        parse_config(["--config", str(path)])
+    path.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match=f"{path}: lr: 'fast'"):
+        parse_config(["--config", str(path)])
 
 
 def test_flat_flags_round_trip_through_the_sections():
