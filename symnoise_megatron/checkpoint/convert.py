@@ -189,8 +189,8 @@ def hf_to_megatron(
         assets = os.path.join(save_dir, paths.HF_ASSETS)
         os.makedirs(assets, exist_ok=True)
         copy_files(load_dir, assets, HF_ASSET_FILES)
-        if model.unused_position_rows:
-            _keep_opt_unused_positions(reader, assets, dtype, model.unused_position_rows)
+        if model.traits.unused_position_rows:
+            _keep_opt_unused_positions(reader, assets, dtype, model.traits.unused_position_rows)
     paths.save_atomically(save_dir, None, sharded, {
         "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
@@ -306,9 +306,9 @@ def _write_hf(load_dir, checkpoint_dir, save_dir, info, model, metadata, max_sha
     for key, entry in globals_.items():
         tensors = TO_HF[entry.transform](model, loaded[key])
         if entry.transform == "positions":
-            kept = _opt_unused_positions(load_dir, tensors[0], model.unused_position_rows)
+            kept = _opt_unused_positions(load_dir, tensors[0], model.traits.unused_position_rows)
             if kept is not None:
-                tensors[0][:model.unused_position_rows] = kept
+                tensors[0][:model.traits.unused_position_rows] = kept
         writer.add(dict(zip(entry.hf, tensors)))
     entries = layouts.layer_entries(model)
     absent = [LAYER_PREFIX + e.megatron for e in entries if LAYER_PREFIX + e.megatron not in metadata]

@@ -93,7 +93,7 @@ def _llama_hf_config(model: ModelConfig) -> dict:
         "num_key_value_heads": model.query_groups, "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings, "rms_norm_eps": model.norm_epsilon,
         "rope_theta": model.rotary_base, "tie_word_embeddings": model.tie_word_embeddings,
-        "hidden_act": model.activation, "attention_bias": model.linear_biases, "mlp_bias": model.linear_biases,
+        "hidden_act": model.traits.activation, "attention_bias": model.traits.linear_biases, "mlp_bias": model.traits.linear_biases,
         "initializer_range": model.init_method_std, "bos_token_id": 1, "eos_token_id": 2,
     }
     if model.rope_scaling:
@@ -107,7 +107,7 @@ def _opt_hf_config(model: ModelConfig) -> dict:
         "word_embed_proj_dim": model.hidden_size, "ffn_dim": model.ffn_hidden_size,
         "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
         "vocab_size": model.vocab_size, "max_position_embeddings": model.max_position_embeddings,
-        "do_layer_norm_before": True, "activation_function": model.activation, "enable_bias": model.linear_biases,
+        "do_layer_norm_before": True, "activation_function": model.traits.activation, "enable_bias": model.traits.linear_biases,
         "layer_norm_elementwise_affine": True, "tie_word_embeddings": True, "init_std": model.init_method_std,
         "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
     }

@@ -15,7 +15,7 @@ import torch
 
 from symnoise_megatron.model.config import ModelConfig
 
-# OPT's learned position table starts with rows no position uses (ModelConfig.unused_position_rows).
+# OPT's learned position table starts with rows no position uses (ArchitectureTraits.unused_position_rows).
 # Megatron's position table has no room for them: they are kept beside the tokenizer in
 # ``hf_assets/`` (which training copies into its --save), so the way back is bit-exact.
 OPT_UNUSED_POSITIONS_FILE = "opt_unused_position_rows.safetensors"
@@ -64,7 +64,7 @@ TO_MEGATRON: Dict[str, Callable] = {
     "qkv": lambda model, rows, q, k, v: _to_megatron_qkv(model, q, k, v),
     "gated": lambda model, rows, gate, up: torch.cat([gate, up]),
     "vocab": lambda model, rows, t: _pad_rows(t, rows),
-    "positions": lambda model, rows, t: t[model.unused_position_rows:],
+    "positions": lambda model, rows, t: t[model.traits.unused_position_rows:],
 }
 TO_HF: Dict[str, Callable] = {
     "copy": lambda model, t: [t],
@@ -72,7 +72,7 @@ TO_HF: Dict[str, Callable] = {
     "gated": lambda model, t: list(t.chunk(2)),
     "vocab": lambda model, t: [t[: model.vocab_size]],
     # The unused rows are put back by the converter (zeros where none were kept).
-    "positions": lambda model, t: [torch.cat([t.new_zeros(model.unused_position_rows, t.shape[1]), t])],
+    "positions": lambda model, t: [torch.cat([t.new_zeros(model.traits.unused_position_rows, t.shape[1]), t])],
 }
 
 
@@ -161,7 +161,7 @@ def expected_hf_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
         if module in ("embed_tokens", "lm_head"):
             shape = (v, d)
         elif module == "embed_positions":
-            shape = (model.max_position_embeddings + model.unused_position_rows, d)
+            shape = (model.max_position_embeddings + model.traits.unused_position_rows, d)
         elif module in ("k_proj", "v_proj"):
             shape = (kv, d) if kind == "weight" else (kv,)
         elif module in ("q_proj", "o_proj", "out_proj"):

@@ -19,7 +19,7 @@ from symnoise_megatron.model.parallelism import ParallelConfig
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding import NoisyVocabParallelEmbedding
 
-# ModelConfig.activation (Hugging Face's name) -> the function megatron-core's MLP calls.
+# ArchitectureTraits.activation (Hugging Face's name) -> the function megatron-core's MLP calls.
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
 
 
@@ -51,12 +51,12 @@ def make_transformer_config(
         num_query_groups=model.query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.head_dim,
-        normalization=model.normalization,
+        normalization=model.traits.normalization,
         layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=model.gated_linear_unit,
-        activation_func=ACTIVATIONS[model.activation],
-        add_bias_linear=model.linear_biases,
-        add_qkv_bias=model.linear_biases,
+        gated_linear_unit=model.traits.gated_linear_unit,
+        activation_func=ACTIVATIONS[model.traits.activation],
+        add_bias_linear=model.traits.linear_biases,
+        add_qkv_bias=model.traits.linear_biases,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -75,7 +75,7 @@ def make_transformer_config(
         use_cpu_initialization=not on_gpu,
         # megatron-core fuses only gelu and swiglu (LLaMA's SiLU GLU, bias or none); OPT's ReLU
         # with the flag set is refused by TransformerConfig.
-        bias_activation_fusion=on_gpu and model.gated_linear_unit and model.activation == "silu",
+        bias_activation_fusion=on_gpu and model.traits.gated_linear_unit and model.traits.activation == "silu",
         bias_dropout_fusion=on_gpu,
         # The local spec's fused softmax needs Megatron-LM's compiled kernels (not in the wheel);
         # without them megatron-core would import them anyway on the first attention.
@@ -104,7 +104,7 @@ def layer_spec(model: ModelConfig, use_transformer_engine: bool):
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=model.normalization)
+    return get_gpt_layer_local_spec(normalization=model.traits.normalization)
 
 
 def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
@@ -162,7 +162,7 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type=model.position_embedding_type,
+        position_embedding_type=model.traits.position_embedding_type,
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )

@@ -5,7 +5,38 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-ARCHITECTURES = ("llama", "opt")
+
+
+@dataclass(frozen=True)
+class ArchitectureTraits:
+    """What an architecture implies. The builder, the conversion and the planner read these
+    (``ModelConfig.traits``), never the architecture's name.
+
+    Attributes:
+        normalization: megatron-core's name of the norm (``RMSNorm``, ``LayerNorm``).
+        gated_linear_unit: a gated MLP (SwiGLU: gate and up projections) instead of one FC1.
+        activation: the MLP's activation function, as Hugging Face names it.
+        linear_biases: whether the attention and MLP linear layers carry biases.
+        position_embedding_type: megatron-core's name (``rope``, ``learned_absolute``).
+        unused_position_rows: rows at the start of Hugging Face's learned position table that no
+            position uses (OPT's offset of 2); megatron's table has no room for them.
+    """
+
+    normalization: str
+    gated_linear_unit: bool
+    activation: str
+    linear_biases: bool
+    position_embedding_type: str
+    unused_position_rows: int
+
+
+ARCHITECTURE_TRAITS = {
+    "llama": ArchitectureTraits("RMSNorm", gated_linear_unit=True, activation="silu", linear_biases=False,
+                                position_embedding_type="rope", unused_position_rows=0),
+    "opt": ArchitectureTraits("LayerNorm", gated_linear_unit=False, activation="relu", linear_biases=True,
+                              position_embedding_type="learned_absolute", unused_position_rows=2),
+}
+ARCHITECTURES = tuple(ARCHITECTURE_TRAITS)
 
 
 @dataclass(frozen=True)
@@ -65,38 +96,9 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    # What the architecture implies: the builder, the conversion and the planner read these,
-    # never the architecture's name.
     @property
-    def normalization(self) -> str:
-        """megatron-core's name of the norm: ``RMSNorm`` (LLaMA) or ``LayerNorm`` (OPT)."""
-        return "RMSNorm" if self.architecture == "llama" else "LayerNorm"
-
-    @property
-    def gated_linear_unit(self) -> bool:
-        """A gated MLP (LLaMA's SwiGLU: gate and up projections) instead of one FC1."""
-        return self.architecture == "llama"
-
-    @property
-    def activation(self) -> str:
-        """The MLP's activation function, as Hugging Face names it: ``silu`` or ``relu``."""
-        return "silu" if self.architecture == "llama" else "relu"
-
-    @property
-    def linear_biases(self) -> bool:
-        """Whether the attention and MLP linear layers carry biases (OPT) or not (LLaMA)."""
-        return self.architecture == "opt"
-
-    @property
-    def position_embedding_type(self) -> str:
-        """megatron-core's name: ``rope`` (LLaMA) or ``learned_absolute`` (OPT)."""
-        return "rope" if self.architecture == "llama" else "learned_absolute"
-
-    @property
-    def unused_position_rows(self) -> int:
-        """Rows at the start of Hugging Face's learned position table that no position uses
-        (OPT's offset of 2); megatron's table has no room for them."""
-        return 2 if self.architecture == "opt" else 0
+    def traits(self) -> ArchitectureTraits:
+        return ARCHITECTURE_TRAITS[self.architecture]
 
     @property
     def hf_model_type(self) -> str:
@@ -106,12 +108,12 @@ class ModelConfig:
     @property
     def norm_parameters(self) -> int:
         """Parameters of one norm: a weight, and a bias for LayerNorm."""
-        return self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
+        return self.hidden_size * (2 if self.traits.normalization == "LayerNorm" else 1)
 
     @property
     def position_embedding_parameters(self) -> int:
         """Parameters of the learned position table (none with rope)."""
-        return self.max_position_embeddings * self.hidden_size if self.position_embedding_type == "learned_absolute" else 0
+        return self.max_position_embeddings * self.hidden_size if self.traits.position_embedding_type == "learned_absolute" else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,8 +122,8 @@ class ModelConfig:
         """Parameters of the unpadded model (embedding counted once when tied)."""
         d, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         kv = self.query_groups * self.head_dim
-        bias = 1 if self.linear_biases else 0
-        fc1_rows = 2 * f if self.gated_linear_unit else f
+        bias = 1 if self.traits.linear_biases else 0
+        fc1_rows = 2 * f if self.traits.gated_linear_unit else f
         attention = d * (d + 2 * kv) + bias * (d + 2 * kv) + d * d + bias * d
         mlp = fc1_rows * d + bias * fc1_rows + d * f + bias * d
         layer = attention + mlp + 2 * self.norm_parameters

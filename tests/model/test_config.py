@@ -1,5 +1,7 @@
 """Model presets and vocabulary padding."""
 
+import dataclasses
+
 import pytest
 
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size, preset
@@ -38,7 +40,7 @@ def test_bad_shapes_are_rejected_with_the_reason():
 ])
 def test_the_architecture_is_read_through_its_properties(name, expected):
     model = preset(name)
-    assert {key: getattr(model, key) for key in expected} == expected
+    assert {**dataclasses.asdict(model.traits), "hf_model_type": model.hf_model_type} == expected
 
 
 def test_flops_per_token_are_six_per_parameter_plus_attention():
