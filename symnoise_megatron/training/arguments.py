@@ -281,6 +281,12 @@ class TrainingConfig:
 
 SECTIONS = {item.name: item.default_factory for item in fields(TrainingConfig)}
 FLAG_SECTIONS = {item.name: section for section, cls in SECTIONS.items() for item in fields(cls)}
+FLAG_FIELDS = {item.name: item for cls in SECTIONS.values() for item in fields(cls)}
+
+
+def _kind(item) -> str:
+    """A flag field's type as written (``Optional[float]``, ``List[str]``, ``bool``...)."""
+    return item.type if isinstance(item.type, str) else item.type.__name__
 
 
 def _flag(name: str) -> str:
@@ -304,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_flag(group, item) -> None:
     default = item.default if item.default is not item.default_factory else None
-    kind = item.type if isinstance(item.type, str) else item.type.__name__
+    kind = _kind(item)
     text = item.metadata.get("help", "")
     if kind == "bool":
         group.add_argument(_flag(item.name), action="store_true", default=None, help=text)
@@ -343,8 +349,7 @@ def load_config_file(path: str) -> dict:
 def _as_flag_value(path: str, key: str, value):
     """A file's value as its flag would parse it (YAML reads 5e-5 as a string, 5 as an int), or an
     error naming the file and the key; null clears an earlier file's value."""
-    kind = next(item.type for cls in SECTIONS.values() for item in fields(cls) if item.name == key)
-    kind = kind if isinstance(kind, str) else kind.__name__
+    kind = _kind(FLAG_FIELDS[key])
     if value is None:
         return None
     if "List" in kind:

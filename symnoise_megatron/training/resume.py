@@ -57,9 +57,10 @@ class ResumeOrLoad:
         if not self.resuming:
             return
         checkpointing.verify_checkpoint(self.save, self.log)
-        if model_config_of(self.save) != model_config:
+        saved = model_config_of(self.save)
+        if saved != model_config:
             raise ValueError(
-                f"--save {self.save} holds a checkpoint of another model ({model_config_of(self.save)}); "
+                f"--save {self.save} holds a checkpoint of another model ({saved}); "
                 f"this run builds {model_config}"
             )
 
