@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
@@ -293,9 +294,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _program_name() -> str:
+    """How the job was started, for usage lines: symnoise-finetune, or its module name under ``-m``."""
+    started_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if started_as in ("", "-c", "__main__.py", "finetune.py"):
+        return "python -m symnoise_megatron.finetune"
+    return started_as
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m symnoise_megatron.finetune",
+        prog=_program_name(),
         description="Instruction fine-tuning with noisy embeddings (SymNoise) on megatron-core. "
         "Run under torchrun; without a GPU it runs on CPU with gloo.",
     )

@@ -88,6 +88,15 @@ def test_help_explains_the_noise_flags():
     assert "examples/configs/" in text and "ShareGPT 10" not in text
 
 
+def test_usage_names_the_module_when_started_with_dash_m(monkeypatch):
+    import symnoise_megatron.finetune as module
+
+    monkeypatch.setattr("sys.argv", [module.__file__])
+    assert build_parser().format_usage().startswith("usage: python -m symnoise_megatron.finetune ")
+    monkeypatch.setattr("sys.argv", ["/venv/bin/symnoise-finetune"])
+    assert build_parser().format_usage().startswith("usage: symnoise-finetune ")
+
+
 def test_help_says_the_tokenizer_flags_only_check_the_datas_tokenizer():
     text = " ".join(build_parser().format_help().split())
     for flag in ("--override-noise-config", "--allow-tokenizer-mismatch", "--tokenizer-model", "--tokenizer-type"):
