@@ -290,8 +290,9 @@ def _kind(item) -> str:
     return item.type if isinstance(item.type, str) else item.type.__name__
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: noise_alpha -> --noise-alpha."""
+    return "--" + field_name.replace("_", "-")
 
 
 def _program_name() -> str:
@@ -322,12 +323,12 @@ def _add_flag(group, item) -> None:
     kind = _kind(item)
     text = item.metadata.get("help", "")
     if kind == "bool":
-        group.add_argument(_flag(item.name), action="store_true", default=None, help=text)
+        group.add_argument(flag_name(item.name), action="store_true", default=None, help=text)
     elif "List" in kind:
-        group.add_argument(_flag(item.name), nargs="+", default=None, help=text)
+        group.add_argument(flag_name(item.name), nargs="+", default=None, help=text)
     else:
         caster = int if "int" in kind else float if "float" in kind else str
-        group.add_argument(_flag(item.name), type=caster, default=None, help=f"{text} (default: {default})".strip())
+        group.add_argument(flag_name(item.name), type=caster, default=None, help=f"{text} (default: {default})".strip())
 
 
 def parse_config(argv=None) -> TrainingConfig:
@@ -379,4 +380,4 @@ def _as_flag_value(path: str, key: str, value):
             pass
     elif isinstance(value, str):
         return value
-    raise ValueError(f"{path}: {key}: {value!r} is not what {_flag(key)} takes ({kind})")
+    raise ValueError(f"{path}: {key}: {value!r} is not what {flag_name(key)} takes ({kind})")

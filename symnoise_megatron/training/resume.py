@@ -17,10 +17,7 @@ from symnoise_megatron.checkpoint.convert import model_config_of
 from symnoise_megatron.model.config import ModelConfig
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.training import checkpointing
-from symnoise_megatron.training.arguments import TrainingConfig
-
-NOISE_FLAGS = {"kind": "--noise-kind", "alpha": "--noise-alpha", "seed": "--noise-seed", "pairing": "--noise-pairing"}
-
+from symnoise_megatron.training.arguments import TrainingConfig, flag_name
 
 def tokenizer_checkpoint(config: TrainingConfig) -> Optional[str]:
     """The checkpoint whose hf_assets hold the tokenizer the data must match: the one the run starts from."""
@@ -71,8 +68,9 @@ class ResumeOrLoad:
             return
         recorded = checkpointing.checkpoint_noise(self.save) or {}
         ours = noise.to_dict()
-        differing = [f"{NOISE_FLAGS[key]} {ours[key]} (checkpoint: {recorded[key]})"
-                     for key in NOISE_FLAGS if key in recorded and recorded[key] != ours[key]]
+        # The noise a checkpoint records (NoiseConfig: kind, alpha, seed, pairing) is set by --noise-KEY.
+        differing = [f"{flag_name('noise_' + key)} {ours[key]} (checkpoint: {recorded[key]})"
+                     for key in ("kind", "alpha", "seed", "pairing") if key in recorded and recorded[key] != ours[key]]
         if not differing:
             return
         message = f"--save {self.save}: this run's noise differs from the checkpoint's: {', '.join(differing)}"
