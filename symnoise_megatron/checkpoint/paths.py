@@ -11,7 +11,7 @@ import re
 import shutil
 from typing import Callable, List, Optional
 
-from symnoise_megatron.common.files import write_json_atomically
+from symnoise_megatron.common.files import write_json_atomically, write_text_atomically
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "symnoise_checkpoint.json"
@@ -85,10 +85,7 @@ def read_tracker(root: str) -> Optional[int]:
 
 def write_tracker(root: str, iteration: Optional[int]) -> None:
     """Point the tracker at a complete checkpoint, atomically."""
-    temporary = os.path.join(root, TRACKER + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(RELEASE if iteration is None else str(iteration))
-    os.replace(temporary, os.path.join(root, TRACKER))
+    write_text_atomically(os.path.join(root, TRACKER), RELEASE if iteration is None else str(iteration))
 
 
 def has_checkpoint(root: Optional[str]) -> bool:

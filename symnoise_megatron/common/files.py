@@ -1,4 +1,4 @@
-"""Files: their SHA-256, and JSON written so that a reader never sees half of it."""
+"""Files: their SHA-256, and text or JSON written so that a reader never sees half of it."""
 
 from __future__ import annotations
 
@@ -18,15 +18,25 @@ def sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomically(path: str, value, *, fsync: bool = False, **dump_options) -> None:
-    """``json.dump(value, **dump_options)`` into ``path.tmp``, then renamed over ``path``.
+def write_text_atomically(path: str, text: str, *, fsync: bool = False) -> None:
+    """``text`` into ``path.tmp``, then renamed over ``path``: a reader sees the old file or the new one.
 
     ``fsync``: force the bytes to disk before the rename, for a file that must survive a crash
     of the machine once it exists (a checkpoint's manifest)."""
     temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, **dump_options)
-        if fsync:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_json_atomically(path: str, value, *, fsync: bool = False, **dump_options) -> None:
+    """``json.dumps(value, **dump_options)`` written with ``write_text_atomically``."""
+    write_text_atomically(path, json.dumps(value, **dump_options), fsync=fsync)
