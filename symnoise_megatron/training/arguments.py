@@ -278,6 +278,23 @@ class TrainingConfig:
             section.validate()
         self.data.check_paths()
         self.model.check_paths()
+        self.check_load_and_save()
+
+    def check_load_and_save(self) -> None:
+        """A run resumes from --save only (Megatron-LM would resume from --load): a --save holding a
+        converted checkpoint, or a trained --load that would be ignored, is refused rather than
+        training from the wrong start."""
+        load, save = self.model.load, self.checkpoint.save
+        if paths.has_checkpoint(save) and paths.read_tracker(save) is None:
+            raise ValueError(f"--save {save} holds a converted checkpoint (release), not a training run: "
+                             f"pass it as --load and --save to a new directory")
+        if not load or self.model.finetune or paths.has_checkpoint(save):
+            return
+        iteration = paths.read_tracker(load)
+        if iteration is not None:
+            raise ValueError(f"--load {load} is a training run's checkpoint (iteration {iteration}) and a run resumes "
+                             f"from --save: pass --finetune to start from its weights at iteration 0, or --save {load} "
+                             "to continue that run")
 
 
 SECTIONS = {item.name: item.default_factory for item in fields(TrainingConfig)}

@@ -41,8 +41,15 @@ def parallel_layout(config: TrainingConfig, model_config: ModelConfig) -> Parall
                          f"{model_config.max_position_embeddings} positions")
     options = config.parallelism
     vpp = None
-    if options.num_layers_per_virtual_pipeline_stage:
-        vpp = model_config.num_layers // (options.pipeline_model_parallel_size * options.num_layers_per_virtual_pipeline_stage)
+    per_virtual_stage = options.num_layers_per_virtual_pipeline_stage
+    if per_virtual_stage:
+        pp = options.pipeline_model_parallel_size
+        if pp < 2 or model_config.num_layers % (pp * per_virtual_stage):
+            raise ValueError(
+                f"--num-layers-per-virtual-pipeline-stage {per_virtual_stage}: the model's {model_config.num_layers} "
+                f"layers must split into --pipeline-model-parallel-size {pp} (at least 2) stages of whole virtual stages "
+                f"of {per_virtual_stage} layers (num_layers divisible by {pp} x {per_virtual_stage})")
+        vpp = model_config.num_layers // (pp * per_virtual_stage)
     parallel = ParallelConfig(options.tensor_model_parallel_size, options.pipeline_model_parallel_size, vpp,
                               options.sequence_parallel, options.context_parallel_size)
     validate_layout(model_config, parallel)
@@ -56,7 +63,7 @@ def check_transformer_engine_features(config: TrainingConfig) -> None:
                 "--context-parallel-size > 1": config.parallelism.context_parallel_size > 1}
     asked = [flag for flag, value in needs_te.items() if value]
     if asked:
-        raise ValueError(f"{', '.join(asked)} need Transformer Engine on a GPU (megatron-core's local "
+        raise ValueError(f"{', '.join(asked)} {'need' if len(asked) > 1 else 'needs'} Transformer Engine on a GPU (megatron-core's local "
                          "CPU layers have no FP8, no sequence-parallel norms and no context-parallel attention)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.checkpoint.convert import model_config_of
@@ -102,7 +103,9 @@ class ResumeOrLoad:
                 "to keep the checkpoint's") from None
         except (ValueError, FileNotFoundError):
             raise
-        except Exception as error:  # an unreadable file of a checkpoint without checksums (older runs)
+        # An unreadable file of a checkpoint without checksums (older runs); torch's CheckpointException
+        # derives from BaseException, not Exception.
+        except (Exception, CheckpointException) as error:
             raise ValueError(
                 f"could not read checkpoint {paths.latest_checkpoint_dir(self.save)} ({type(error).__name__}: {error}); "
                 + checkpointing.previous_checkpoint(self.save, paths.read_tracker(self.save))) from error

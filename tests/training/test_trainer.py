@@ -259,6 +259,15 @@ def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
     run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
     other = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=save, load=None, finetune=False))[0]
     assert "holds a checkpoint of another model" in other
+    # Megatron-LM habits that would start from the wrong weights here: a trained run as --load
+    # without --finetune (a run resumes from --save), and a converted checkpoint as --save.
+    ignored_load = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], load=save, finetune=False,
+                                                  save=str(tmp_path / "next")))[0]
+    converted_save = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=BASE["load"]))[0]
+    assert f"--load {save} is a training run's checkpoint (iteration 1)" in ignored_load and "--finetune" in ignored_load
+    assert not os.path.exists(tmp_path / "next")
+    assert f"--save {BASE['load']} holds a converted checkpoint (release)" in converted_save
+    assert "symnoise_save.lock" not in os.listdir(BASE["load"])
 
 
 def learning_rates(config):
@@ -329,9 +338,17 @@ def test_tensorboard_gets_the_logged_scalars(data_prefix, tmp_path):
 
 def test_gpu_only_features_are_refused_on_cpu_at_start(data_prefix):
     message = run_distributed(build, 2, dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=2, sequence_parallel=True))[0]
-    assert "--sequence-parallel need Transformer Engine on a GPU" in message
+    assert "--sequence-parallel needs Transformer Engine on a GPU" in message
     message = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], fp8_format="hybrid"))[0]
-    assert "--fp8-format need Transformer Engine" in message
+    assert "--fp8-format needs Transformer Engine" in message
+
+
+@pytest.mark.parametrize("pipeline, per_virtual_stage", [(2, 3), (2, 4), (1, 1)])
+def test_virtual_stages_that_do_not_split_the_layers_are_refused_naming_the_flag(data_prefix, pipeline, per_virtual_stage):
+    # The tiny model has 4 layers: 2 stages x 3 or 4 layers, or interleaving without a pipeline, cannot hold them.
+    message = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], pipeline_model_parallel_size=pipeline,
+                                             num_layers_per_virtual_pipeline_stage=per_virtual_stage))[0]
+    assert message.startswith(f"--num-layers-per-virtual-pipeline-stage {per_virtual_stage}: the model's 4 layers"), message
 
 
 def train_offline_wandb(config):
