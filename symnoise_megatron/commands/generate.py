@@ -21,11 +21,13 @@ for clusters: it batches by itself, --batch-size only sets how many prompts it g
 
 import argparse
 import os
+import sys
 
 from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.data.templates import TEMPLATES
 from symnoise_megatron.evaluation.generate import (ENGINES, Decoding, answered_rows, converted_to_hf, generate_file,
-                                                   generator_identity, make_generator, model_source, read_prompts,
+                                                   generator_identity, make_generator, model_source, prompt_template_for,
+                                                   read_prompts,
                                                    resolve_engine)
 
 
@@ -40,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="with --prompts: the model-outputs JSON to write or resume")
     parser.add_argument("--generator-name", help="the 'generator' field (default: the checkpoint's name)")
     parser.add_argument("--limit", type=int, help="only the first N prompts")
-    parser.add_argument("--prompt-template", choices=list(TEMPLATES), default="alpaca")
+    parser.add_argument("--prompt-template", choices=list(TEMPLATES),
+                        help="the prompt format; default: the one the --megatron-dir checkpoint was fine-tuned with "
+                             "(recorded at each save), else alpaca (a converted or Hugging Face model: say which)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0 (default 1: off)")
@@ -58,6 +62,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.prompts and not args.output:
         parser.error("--prompts needs --output")
+    if args.instruction and args.output:
+        parser.error("--output goes with --prompts (--instruction prints its answers)")
     return args
 
 
@@ -88,9 +94,13 @@ def main(argv=None):
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     resolve_engine(args.engine)
     source = model_source(args.hf_dir, args.megatron_dir)
+    notes = []  # said once the run is known to go ahead: a refused run prints only its error
+    args.prompt_template = prompt_template_for(args.prompt_template, args.megatron_dir, warn=notes.append)
     if args.prompts:  # the prompts and a partial output are checked before a model is loaded
         identity = generator_identity(source, args.prompt_template, args.seed, decoding)
         answered_rows(args.output, read_prompts(args.prompts)[:args.limit], args.prompts, identity)
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.hf_dir:
         run(args, args.hf_dir, source)
     else:

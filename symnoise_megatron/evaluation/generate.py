@@ -27,6 +27,7 @@ from symnoise_megatron.data.tokenizer import TokenizerSpec
 from symnoise_megatron.evaluation.records import read_records, write_json, write_records
 
 ENGINES = ("auto", "transformers", "vllm")
+DEFAULT_PROMPT_TEMPLATE = "alpaca"
 # Prompts sorted by length within windows of this many batches: long enough windows pad
 # little, short enough that an interrupted run loses little (answers are written in prompt
 # order, so a window's answers reach the file once the prompts before them are answered).
@@ -88,6 +89,22 @@ class _Engine:
         return generator_identity(self.source, self.template.name, self.seed, decoding)
 
 
+def prompt_template_for(requested: Optional[str], megatron_dir: Optional[str], warn) -> str:
+    """``requested`` (--prompt-template), else the template a --megatron-dir checkpoint was fine-tuned
+    with (recorded at each save), else alpaca. Asking a fine-tune in another format than its
+    training data's is allowed, as a deliberate probe, but said through ``warn``."""
+    from symnoise_megatron.checkpoint.paths import read_info
+
+    trained = read_info(megatron_dir).get("prompt_template") if megatron_dir else None
+    if requested and trained and requested != trained:
+        warn(f"WARNING: --prompt-template {requested}, but {megatron_dir} was fine-tuned on {trained} prompts")
+    if requested or trained:
+        return requested or trained
+    warn(f"note: no training template is recorded for this model: prompts use {DEFAULT_PROMPT_TEMPLATE}'s format "
+         "(pass --prompt-template to choose)")
+    return DEFAULT_PROMPT_TEMPLATE
+
+
 def model_source(hf_dir: Optional[str] = None, megatron_dir: Optional[str] = None) -> Dict:
     """The weights' origin in a generator's identity: the directory and, for a megatron
     checkpoint, the iteration its tracker names (``release`` for a converted one)."""
@@ -130,7 +147,7 @@ class Generator(_Engine):
 
     engine = "transformers"
 
-    def __init__(self, hf_dir: str, template: str = "alpaca", seed: int = 0, source: Optional[dict] = None):
+    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None):
         from transformers import AutoModelForCausalLM
 
         super().__init__(hf_dir, template, seed, source)
@@ -189,7 +206,7 @@ class VLLMGenerator(_Engine):
 
     engine = "vllm"
 
-    def __init__(self, hf_dir: str, template: str = "alpaca", seed: int = 0, source: Optional[dict] = None):
+    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None):
         from vllm import LLM
 
         super().__init__(hf_dir, template, seed, source)
@@ -224,7 +241,7 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
-def make_generator(hf_dir: str, template: str = "alpaca", seed: int = 0, engine: str = "auto",
+def make_generator(hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, engine: str = "auto",
                    source: Optional[dict] = None) -> _Engine:
     cls = VLLMGenerator if resolve_engine(engine) == "vllm" else Generator
     return cls(hf_dir, template, seed, source)

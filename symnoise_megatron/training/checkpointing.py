@@ -316,7 +316,8 @@ class SaveLock:
 
 
 def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, noise, model, make_vocab_size_divisible_by,
-                    fully_reshardable_optimizer: bool = False):
+                    fully_reshardable_optimizer: bool = False, prompt_template: Optional[str] = None):
+    """``prompt_template``: the training data's, recorded so that generation asks in the same format."""
     written_format = optimizer_format(optimizer, fully_reshardable_optimizer, len(chunks))
     state = _state(chunks, optimizer, is_loading=False, optimizer_format=written_format)
     state.update(iteration=iteration, opt_param_scheduler=scheduler.state_dict(),
@@ -325,7 +326,8 @@ def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, nois
         state[OPTIMIZER_FORMAT_KEY] = written_format
     with _WritersDieWithSaver():
         return paths.save_atomically(root, iteration, state, {
-            "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by},
+            "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+            **({"prompt_template": prompt_template} if prompt_template else {})},
             before_publish=write_manifest)
 
 

@@ -182,7 +182,8 @@ class Trainer:
         target = checkpointing.save_checkpoint(
             self.config.checkpoint.save, self.iteration, [c.module for c in self.chunks], self.optimizer, self.scheduler,
             self.sampler, self.noise, self.model_config, self.config.model.make_vocab_size_divisible_by,
-            fully_reshardable_optimizer=self.config.checkpoint.dist_ckpt_optim_fully_reshardable)
+            fully_reshardable_optimizer=self.config.checkpoint.dist_ckpt_optim_fully_reshardable,
+            prompt_template=self.datasets.train.meta.get("prompt_template"))
         self.log(f"saved checkpoint at iteration {self.iteration} to {target}")
 
     def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):

@@ -189,6 +189,32 @@ def test_a_checkpoint_that_moved_on_or_an_unrecorded_file_is_refused(checkpoints
         generate_file(at(4), prompts, output, "m", max_new_tokens=8, progress=False)
 
 
+def test_the_prompt_template_defaults_to_the_one_the_checkpoint_trained_with(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from symnoise_megatron.checkpoint.paths import INFO
+    from tools.generate import main
+
+    _, converted, prompts = checkpoints
+    common = ["--prompts", prompts, "--limit", "1", "--max-new-tokens", "2", "--no-progress"]
+    # A converted checkpoint records no template: alpaca, and a note says so.
+    assert main(["--megatron-dir", converted, "--output", str(tmp_path / "converted.json")] + common) == 0
+    assert json.load(open(tmp_path / "converted.json.meta"))["generator"]["template"] == "alpaca"
+    assert "no training template is recorded" in capsys.readouterr().err
+    # A fine-tune's saves record its data's template (tests/training/test_trainer.py): that one is used.
+    trained = tmp_path / "trained"
+    shutil.copytree(converted, trained)
+    info = json.loads((trained / INFO).read_text())
+    (trained / INFO).write_text(json.dumps(dict(info, prompt_template="chatml")))
+    assert main(["--megatron-dir", str(trained), "--output", str(tmp_path / "trained.json")] + common) == 0
+    assert json.load(open(tmp_path / "trained.json.meta"))["generator"]["template"] == "chatml"
+    assert "template" not in capsys.readouterr().err
+    # Another template is a deliberate probe: allowed, and said.
+    assert main(["--megatron-dir", str(trained), "--output", str(tmp_path / "probe.json"),
+                 "--prompt-template", "alpaca"] + common) == 0
+    assert f"--prompt-template alpaca, but {trained} was fine-tuned on chatml prompts" in capsys.readouterr().err
+
+
 def test_bad_settings_and_outputs_are_one_line_errors(checkpoints, tmp_path, capsys):
     from tools.generate import main
 

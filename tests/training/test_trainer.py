@@ -1,5 +1,6 @@
 """The fine-tuning loop on real gloo process groups: layouts, pairing, resume, crashes, SIGTERM."""
 
+import json
 import os
 import shutil
 
@@ -249,6 +250,7 @@ def build(config):
 
 
 def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
+    from symnoise_megatron.checkpoint.paths import read_info
     from symnoise_megatron.finetune import main
 
     assert main(["--data-path", str(tmp_path / "nothing"), "--train-iters", "1"]) == 2
@@ -257,6 +259,9 @@ def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
     assert "global batch size 6 is not divisible by micro-batch size 2 x data-parallel size 2" in messages[0]
     save = str(tmp_path / "run")
     run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
+    # Each save records the data's prompt template, for symnoise-generate's default.
+    with open(data_prefix + "_meta.json", encoding="utf-8") as handle:
+        assert read_info(save)["prompt_template"] == json.load(handle)["prompt_template"]
     other = run_distributed(build, 1, dict(BASE, data_path=[data_prefix], save=save, load=None, finetune=False))[0]
     assert "holds a checkpoint of another model" in other
     # Megatron-LM habits that would start from the wrong weights here: a trained run as --load
