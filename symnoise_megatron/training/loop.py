@@ -61,10 +61,10 @@ class Trainer:
 
         initialize_distributed(self.parallel, seed=config.optimizer.seed)
         self.device = compute_device()
-        self.save_lock = acquire_save_lock(config.checkpoint.save, log)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.sampler = self._sampler(len(self.datasets.train_indices))
+        self.sampler = self._sampler(len(self.datasets.train_indices))  # checks the batch shape first
+        self.save_lock = acquire_save_lock(config.checkpoint.save, log)  # then --save is created and held
         self.start = ResumeOrLoad(config, log)
         self.start.check_checkpoint(self.model_config)
         self.noise = config.noise.noise_config()

@@ -255,8 +255,11 @@ def test_bad_arguments_fail_before_any_work(data_prefix, tmp_path):
 
     assert main(["--data-path", str(tmp_path / "nothing"), "--train-iters", "1"]) == 2
     assert main(["--data-path", data_prefix]) == 2  # neither --train-iters nor --train-epochs
-    messages = run_distributed(build, 2, dict(BASE, data_path=[data_prefix], global_batch_size=6, micro_batch_size=2))
+    refused_save = tmp_path / "refused"
+    messages = run_distributed(build, 2, dict(BASE, data_path=[data_prefix], global_batch_size=6, micro_batch_size=2,
+                                              save=str(refused_save)))
     assert "global batch size 6 is not divisible by micro-batch size 2 x data-parallel size 2" in messages[0]
+    assert not refused_save.exists()  # refused before --save (and its lock) is created
     save = str(tmp_path / "run")
     run_distributed(train_runs, 1, [dict(BASE, data_path=[data_prefix], save=save, train_iters=1)])
     # Each save records the data's prompt template, for symnoise-generate's default.
