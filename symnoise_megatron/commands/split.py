@@ -4,14 +4,50 @@
       --train-output data/train.json --held-out-output data/held_out.json
 
 Both outputs are JSON arrays in the input's order; the same --seed gives the same split.
+Missing folders of the outputs are created. Nothing is written unless the whole split
+succeeds, and an output may not be the input or the other output.
 Preprocess them separately and pass the held-out prefix as --valid-data-path; generate
 answers for the held-out prompts with symnoise-generate --prompts.
 """
 
 import argparse
+import os
+from typing import List, Tuple
 
 from symnoise_megatron.commands.errors import exits_on_user_error
-from symnoise_megatron.evaluation.records import read_records, split_records, write_records
+from symnoise_megatron.evaluation.records import read_records, records_text, split_records
+
+
+def refuse_clashing_paths(named_paths: List[Tuple[str, str]]) -> None:
+    """Two flags naming one file (through a link too): writing one would destroy the other."""
+    for position, (first_flag, first_path) in enumerate(named_paths):
+        for second_flag, second_path in named_paths[position + 1:]:
+            if os.path.realpath(first_path) == os.path.realpath(second_path):
+                raise ValueError(f"{second_flag} {second_path} is the same file as {first_flag} {first_path}; "
+                                 "give each output its own path, other than the input")
+
+
+def write_outputs(outputs: List[Tuple[str, str, List[dict]]]) -> None:
+    """Each (flag, path, rows) staged in a temporary file, then all renamed into place: a failure
+    leaves every output as it was (no file half-written, no train file without its held-out file)."""
+    staged = []
+    try:
+        for flag, path, rows in outputs:
+            folder = os.path.dirname(os.path.abspath(path))
+            temporary = f"{path}.tmp-{os.getpid()}"
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with open(temporary, "w", encoding="utf-8") as handle:
+                    staged.append(temporary)
+                    handle.write(records_text(rows))
+            except OSError as error:
+                raise ValueError(f"{flag} {path}: cannot write ({error.strerror})") from None
+        for (flag, path, _), temporary in zip(outputs, staged):
+            os.replace(temporary, path)
+    finally:
+        for temporary in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 @exits_on_user_error
@@ -24,8 +60,9 @@ def main(argv=None):
     parser.add_argument("--train-output", required=True)
     parser.add_argument("--held-out-output", required=True)
     args = parser.parse_args(argv)
+    refuse_clashing_paths([("--input", args.input), ("--train-output", args.train_output),
+                           ("--held-out-output", args.held_out_output)])
     train, held_out = split_records(read_records(args.input, args.field), args.held_out, args.seed)
-    write_records(train, args.train_output)
-    write_records(held_out, args.held_out_output)
+    write_outputs([("--train-output", args.train_output, train), ("--held-out-output", args.held_out_output, held_out)])
     print(f"{args.input}: {len(train)} rows to {args.train_output}, {len(held_out)} to {args.held_out_output}")
     return 0

@@ -47,13 +47,30 @@ _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bing", "bard", "model"}
 
 
+def _message_kind(list_key: str, index: int, message, role_key: str, text_key: str):
+    """(``"system"``, ``"user"`` or ``"assistant"``, text) of one message."""
+    if not isinstance(message, dict):
+        raise RowError("bad_message", f"{list_key}[{index}] is not an object")
+    role, text = _text(message, role_key).lower(), _text(message, text_key)
+    if role == "system":
+        return "system", text
+    if role in _USER_ROLES:
+        return "user", text
+    if role in _ASSISTANT_ROLES:
+        return "assistant", text
+    raise RowError("unknown_role", f"{list_key}[{index}] has unknown role {role!r}")
+
+
 def _conversation_format(list_key: str, role_key: str, text_key: str):
     """ShareGPT ``conversations`` (from/value) or chat ``messages`` (role/content).
 
-    Policy: leading system messages become the system prompt; then user/assistant pairs in
-    order. ``turns="first"`` (the paper's single-turn policy) keeps the first pair only;
-    ``"all"`` keeps every complete pair. A conversation without a user message followed by
-    an assistant message is a bad row.
+    Policy, as FastChat's training code reads them: an optional leading system message
+    becomes the system prompt; a leading assistant message (a greeting nobody asked for) is
+    dropped; the rest must alternate user/assistant, else the row is bad (reason
+    ``roles_not_alternating``): pairing around a repeated role would drop messages unseen.
+    A last user message without an answer is left out. ``turns="first"`` (the paper's
+    single-turn policy) keeps the first pair only; ``"all"`` keeps every pair. A
+    conversation without a user message followed by an assistant message is a bad row.
     """
 
     def convert(row: dict, turns: str) -> Example:
@@ -62,22 +79,22 @@ def _conversation_format(list_key: str, role_key: str, text_key: str):
         messages = row[list_key]
         if not isinstance(messages, list):
             raise RowError("not_a_list", f"{list_key!r} is a {type(messages).__name__}, not a list")
-        system, pairs, pending = None, [], None
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise RowError("bad_message", f"{list_key}[{index}] is not an object")
-            role, text = _text(message, role_key).lower(), _text(message, text_key)
-            if role == "system":
-                if not pairs and pending is None:
-                    system = text
-            elif role in _USER_ROLES:
-                pending = text
-            elif role in _ASSISTANT_ROLES:
-                if pending is not None:
-                    pairs.append(Turn(pending, text))
-                    pending = None
-            else:
-                raise RowError("unknown_role", f"{list_key}[{index}] has unknown role {role!r}")
+        entries = [(index, *_message_kind(list_key, index, message, role_key, text_key))
+                   for index, message in enumerate(messages)]
+        system = None
+        if entries and entries[0][1] == "system":
+            system = entries.pop(0)[2]
+        if entries and entries[0][1] == "assistant":
+            entries.pop(0)
+        pairs = []
+        for position, (index, kind, text) in enumerate(entries):
+            expected = "user" if position % 2 == 0 else "assistant"
+            if kind != expected:
+                raise RowError("roles_not_alternating",
+                               f"{list_key}[{index}] is a {kind} message where a {expected} message belongs; "
+                               "roles must alternate user/assistant after an optional system message")
+            if kind == "assistant":
+                pairs.append(Turn(entries[position - 1][2], text))
         if not pairs:
             raise RowError("no_exchange", f"{list_key!r} has no user message followed by an assistant message")
         if turns == "first":

@@ -87,6 +87,11 @@ class PreprocessConfig:
             raise ValueError(f"boundary rule must be one of {BOUNDARY_RULES}, got {self.boundary_rule!r}")
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        # P_tokens.bin goes next to P: a prefix ending in "/" would name files inside a folder
+        # that nothing creates, and fail only after the inputs are read.
+        if self.output_prefix.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+            raise ValueError(f"--output-prefix {self.output_prefix} names a directory; "
+                             f"give a prefix such as {os.path.join(self.output_prefix, 'train')}")
 
 
 def segment_boundaries(encodings: List[List[int]]) -> List[int]:

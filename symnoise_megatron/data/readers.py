@@ -31,7 +31,20 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
         if not matches or not all(os.path.exists(m) for m in matches):
             raise FileNotFoundError(f"--input {pattern}: no such file or directory")
         paths.extend(matches)
+    _refuse_repeated_inputs(paths)
     return paths
+
+
+def _refuse_repeated_inputs(paths: Sequence[str]) -> None:
+    """A file named twice (directly, through a glob or a link) would be read once while the
+    meta lists it twice: the outputs keyed by path would not say what was tokenized."""
+    seen = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            also = "" if seen[real] == path else f" (also given as {seen[real]})"
+            raise ValueError(f"--input {path} is given twice{also}; name each input file once")
+        seen[real] = path
 
 
 def input_kind(path: str) -> str:

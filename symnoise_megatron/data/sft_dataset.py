@@ -90,14 +90,26 @@ class SFTIndexedData:
         return np.array(self.tokens[index]), np.array(self.loss_mask[index])
 
 
-def split_indices(num_samples: int, split: Sequence[float], seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Train and validation dataset indices: a seeded shuffle cut by the ``--split`` weights."""
-    weights = np.asarray(list(split)[:2], dtype=np.float64)
+SPLIT_PARTS = ("train", "validation", "test")
+
+
+def split_indices(num_samples: int, split: Sequence[float], seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test dataset indices: a seeded shuffle cut by the ``--split`` weights.
+
+    Megatron's meaning: train,valid,test weights, a missing one 0. The test part is set aside,
+    neither trained nor validated on (dropping its weight would train on it)."""
+    if not 1 <= len(split) <= len(SPLIT_PARTS):
+        raise ValueError(f"--split takes one to three weights (train,valid,test), got {list(split)}")
+    weights = np.zeros(len(SPLIT_PARTS))
+    weights[:len(split)] = split
     if weights.sum() <= 0 or (weights < 0).any():
         raise ValueError(f"--split weights must be non-negative with a positive sum, got {list(split)}")
     order = np.random.default_rng([seed, 0x5917]).permutation(num_samples)
-    num_train = int(round(num_samples * weights[0] / weights.sum()))
-    return np.sort(order[:num_train]), np.sort(order[num_train:])
+    # Cumulative cuts: the parts always add up to num_samples, and two weights cut as before.
+    cuts = np.rint(num_samples * np.cumsum(weights) / weights.sum()).astype(np.int64)
+    cuts[-1] = num_samples
+    bounds = [0, *cuts.tolist()]
+    return tuple(np.sort(order[bounds[i]:bounds[i + 1]]) for i in range(len(SPLIT_PARTS)))
 
 
 @dataclass

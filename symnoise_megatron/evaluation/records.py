@@ -68,6 +68,11 @@ def write_json(value, path: str) -> None:
     write_json_atomically(path, value, indent=1, ensure_ascii=False)
 
 
+def records_text(rows: List[dict]) -> str:
+    """The text ``write_records`` writes: a JSON array."""
+    return json.dumps(rows, indent=1, ensure_ascii=False)
+
+
 def write_records(rows: List[dict], path: str) -> None:
     """A JSON array, written atomically."""
     write_json(rows, path)

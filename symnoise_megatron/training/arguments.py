@@ -39,7 +39,8 @@ class DataOptions:
     """The preprocessed data, how it is split and cut into rows, and the tokenizer checks."""
 
     data_path: List[str] = option(factory=list, help="the output prefix of tools/preprocess_data.py")
-    split: str = option("98,2", "train,validation weights of a seeded shuffle of the samples (ignored with --valid-data-path)")
+    split: str = option("98,2", ("train,validation[,test] weights of a seeded shuffle of the samples, as Megatron's; the test part is "
+                                  "set aside, neither trained nor validated on (ignored with --valid-data-path)"))
     valid_data_path: List[str] = option(
         factory=list, help="a held-out set preprocessed with the same tokenizer and template: the validation loss "
                            "comes from it and all of --data-path trains")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +24,7 @@ class TrainingData:
     train_indices: np.ndarray
     valid_indices: np.ndarray
     options: DataOptions
+    test_indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # --split's third part
 
     @property
     def vocab_size(self) -> int:
@@ -37,6 +38,15 @@ class TrainingData:
     def mean_sample_length(self) -> int:
         return round(self.train.meta["tokens"] / max(1, self.train.meta["samples"]))
 
+    def split_description(self) -> str:
+        """How many samples each part got, for the log: a --split test part is named as set aside."""
+        if self.options.valid_data_path:
+            return (f"--data-path {self.options.data_path[0]}: {len(self.train_indices)} samples to train on; "
+                    f"--valid-data-path {self.options.valid_data_path[0]}: {len(self.valid_indices)} to validate on")
+        return (f"--split {self.options.split} of the {len(self.train)} samples of --data-path {self.options.data_path[0]}: "
+                f"{len(self.train_indices)} train, {len(self.valid_indices)} validation, {len(self.test_indices)} test "
+                "(the test part is set aside: neither trained nor validated on)")
+
     def described(self) -> List[Tuple[str, str, dict]]:
         """(flag, prefix, meta) for --data-path and --valid-data-path."""
         sets = [("--data-path", self.options.data_path[0], self.train.meta)]
@@ -49,8 +59,8 @@ def load_training_data(options: DataOptions, seed: int) -> TrainingData:
     """The data sets of ``options``; a held-out set must share the train set's tokenizer and template."""
     train = SFTIndexedData(options.data_path[0])
     if not options.valid_data_path:
-        train_indices, valid_indices = split_indices(len(train), options.split_weights, seed)
-        return TrainingData(train, train, train_indices, valid_indices, options)
+        train_indices, valid_indices, test_indices = split_indices(len(train), options.split_weights, seed)
+        return TrainingData(train, train, train_indices, valid_indices, options, test_indices)
     valid = SFTIndexedData(options.valid_data_path[0])
     described = [{key: d.meta["tokenizer"][key] for key in ("kind", "vocab_size", "bos_id", "eos_id")}
                  | {"prompt_template": d.meta["prompt_template"]} for d in (train, valid)]

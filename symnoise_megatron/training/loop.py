@@ -53,6 +53,7 @@ class Trainer:
         config.validate()
         self.config, self.log = config, log
         self.datasets = load_training_data(config.data, config.optimizer.seed)
+        log(self.datasets.split_description())
         self.model_config = resolve_model_config(config, self.datasets.vocab_size)
         check_tokenizers(config.data, self.datasets.described(), tokenizer_checkpoint(config), log)
         self.parallel = parallel_layout(config, self.model_config)

@@ -206,3 +206,82 @@ def test_stale_temporaries_of_dead_runs_are_removed(run_preprocess, write_rows, 
     assert meta["samples"] == 1
     assert not any(p.exists() for p in stale) and alive.exists()
     assert "removed 3 temporary file(s) left by interrupted runs" in capsys.readouterr().err
+
+
+NOT_ALTERNATING = {
+    # name: (format, conversation, the message index the error names)
+    "two_user_messages": ("sharegpt", [("human", "one"), ("human", "two"), ("gpt", "three")], 1),
+    "two_assistant_messages": ("sharegpt", [("human", "one"), ("gpt", "two"), ("gpt", "three")], 2),
+    "system_in_the_middle": ("messages", [("user", "one"), ("assistant", "two"), ("system", "three"),
+                                          ("user", "four"), ("assistant", "five")], 2),
+}
+
+
+def conversation_row(format_name, messages):
+    list_key, role_key, text_key = {"sharegpt": ("conversations", "from", "value"),
+                                    "messages": ("messages", "role", "content")}[format_name]
+    return {list_key: [{role_key: role, text_key: text} for role, text in messages]}
+
+
+def conversation_rows(format_name, bad_messages, row=2, total=4):
+    good = [("user", "Say yes."), ("assistant", "Yes.")] if format_name == "messages" else [("human", "Say yes."), ("gpt", "Yes.")]
+    rows = [conversation_row(format_name, good) for _ in range(total)]
+    rows[row - 1] = conversation_row(format_name, bad_messages)
+    return rows
+
+
+@pytest.mark.parametrize("case", NOT_ALTERNATING)
+def test_roles_that_do_not_alternate_name_file_and_row(case, run_preprocess, write_rows):
+    format_name, messages, index = NOT_ALTERNATING[case]
+    path = write_rows("chat.jsonl", conversation_rows(format_name, messages))
+    list_key = "conversations" if format_name == "sharegpt" else "messages"
+    with pytest.raises(ValueError) as error:
+        run_preprocess([path], turns="all", prompt_template="vicuna_v1.1")
+    text = str(error.value)
+    assert text.startswith(f"{path}: row 2: {list_key}[{index}] is a ") and "roles must alternate" in text
+
+
+@pytest.mark.parametrize("case", NOT_ALTERNATING)
+def test_roles_that_do_not_alternate_are_skipped_and_counted(case, run_preprocess, write_rows):
+    format_name, messages, _ = NOT_ALTERNATING[case]
+    path = write_rows("chat.jsonl", conversation_rows(format_name, messages))
+    meta, _ = run_preprocess([path], on_error="skip", turns="all", prompt_template="vicuna_v1.1")
+    assert meta["samples"] == 3 and meta["rows_read"] == 4
+    assert meta["skipped_rows"] == {"roles_not_alternating": 1}
+    assert meta["skipped_examples"][0].startswith(f"{path}: row 2: ")
+
+
+def test_a_leading_system_message_and_a_leading_assistant_greeting_still_read(run_preprocess, write_rows):
+    from symnoise_megatron.data.formats import FORMATS
+
+    row = conversation_row("sharegpt", [("system", "Be brief."), ("gpt", "Hi! Ask me."), ("human", "one"),
+                                        ("gpt", "two"), ("human", "three"), ("gpt", "four"), ("human", "unanswered")])
+    example = FORMATS["sharegpt"](row, "all")
+    assert example.system == "Be brief."
+    assert [(turn.user, turn.response) for turn in example.turns] == [("one", "two"), ("three", "four")]
+    meta, _ = run_preprocess([write_rows("chat.jsonl", [row])], turns="all")
+    assert meta["samples"] == 1 and not meta.get("skipped_rows")
+
+
+def test_an_input_given_twice_is_refused_before_any_work(run_preprocess, write_rows, tmp_path):
+    path = write_rows("input.jsonl", [GOOD] * 3)
+    os.symlink(path, tmp_path / "link.jsonl")
+    for inputs in ([path, path], [path, str(tmp_path / "link.jsonl")], [path, str(tmp_path / "*.jsonl")]):
+        with pytest.raises(ValueError, match=r"^--input .* is given twice"):
+            run_preprocess(inputs)
+    assert glob.glob(os.path.join(tmp_path, "out*")) == []
+
+
+def test_an_output_prefix_ending_in_a_separator_is_refused(run_preprocess, write_rows, tmp_path, capsys):
+    from symnoise_megatron.data import BUNDLED_TOKENIZER
+    from tools.preprocess_data import main
+
+    path = write_rows("input.jsonl", [GOOD] * 3)
+    prefix = str(tmp_path / "new" / "dir") + os.sep
+    assert main(["--input", path, "--output-prefix", prefix, "--tokenizer-model", BUNDLED_TOKENIZER, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: --output-prefix {prefix} names a directory; give a prefix such as "
+                     f"{os.path.join(prefix, 'train')}\n")
+    assert not os.path.exists(tmp_path / "new")
+    meta, _ = run_preprocess([path], prefix=os.path.join("new", "dir", "train"))
+    assert meta["samples"] == 3

@@ -74,12 +74,33 @@ def test_an_empty_dataset_is_refused_naming_the_prefix(bundled_prefix):
 
 
 def test_split_is_a_seeded_partition():
-    train, valid = split_indices(100, [98, 2], seed=1)
-    assert len(train) == 98 and len(valid) == 2
+    train, valid, test = split_indices(100, [98, 2], seed=1)
+    assert len(train) == 98 and len(valid) == 2 and len(test) == 0
     assert sorted(np.concatenate([train, valid]).tolist()) == list(range(100))
-    again, _ = split_indices(100, [98, 2], seed=1)
-    other, _ = split_indices(100, [98, 2], seed=2)
+    again, _, _ = split_indices(100, [98, 2], seed=1)
+    other, _, _ = split_indices(100, [98, 2], seed=2)
     assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+@pytest.mark.parametrize("weights, counts", [([80, 10, 10], (80, 10, 10)), ([8, 1, 1], (80, 10, 10)),
+                                             ([90, 0, 10], (90, 0, 10)), ([1], (100, 0, 0))])
+def test_a_third_split_weight_sets_a_test_part_aside(weights, counts):
+    parts = split_indices(100, weights, seed=1)
+    assert tuple(len(part) for part in parts) == counts
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100)), "the parts are disjoint and cover every sample"
+
+
+def test_two_weights_cut_the_train_part_as_before_the_test_weight_existed():
+    # The train part of 98,2 is the first 98 of the same seeded shuffle whatever the test weight.
+    train, valid, _ = split_indices(316, [98, 2], seed=1234)
+    order = np.random.default_rng([1234, 0x5917]).permutation(316)
+    assert np.array_equal(train, np.sort(order[:310])) and np.array_equal(valid, np.sort(order[310:]))
+
+
+@pytest.mark.parametrize("weights", [[80, 10, 10, 5], [], [-1, 2], [0, 0, 0]])
+def test_bad_split_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="^--split "):
+        split_indices(100, weights, seed=1)
 
 
 def samples(prefix, count=7):

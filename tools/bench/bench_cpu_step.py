@@ -115,7 +115,7 @@ def transformers_reference(args, hf_dir, prefix):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
     config = training_config(args, None, prefix, "uniform")
     data = SFTIndexedData(prefix)
-    train, _ = split_indices(len(data), config.split_weights, config.seed)
+    train, _, _ = split_indices(len(data), config.split_weights, config.seed)
     sampler = GlobalBatchSampler(SampleOrder(len(train), config.seed), config.global_batch_size, config.micro_batch_size)
     pad = data.meta["tokenizer"]["eos_id"]
     times, tokens, losses = [], 0, []
