@@ -91,7 +91,7 @@ def _conversation_format(list_key: str, role_key: str, text_key: str):
             expected = "user" if position % 2 == 0 else "assistant"
             if kind != expected:
                 raise RowError("roles_not_alternating",
-                               f"{list_key}[{index}] is a {kind} message where a {expected} message belongs; "
+                               f"{list_key}[{index}] is from the {kind} where the {expected} should speak; "
                                "roles must alternate user/assistant after an optional system message")
             if kind == "assistant":
                 pairs.append(Turn(entries[position - 1][2], text))
