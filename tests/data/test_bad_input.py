@@ -209,11 +209,14 @@ def test_stale_temporaries_of_dead_runs_are_removed(run_preprocess, write_rows, 
 
 
 NOT_ALTERNATING = {
-    # name: (format, conversation, the message index the error names)
-    "two_user_messages": ("sharegpt", [("human", "one"), ("human", "two"), ("gpt", "three")], 1),
-    "two_assistant_messages": ("sharegpt", [("human", "one"), ("gpt", "two"), ("gpt", "three")], 2),
+    # name: (format, conversation, what the error says of which message)
+    "two_user_messages": ("sharegpt", [("human", "one"), ("human", "two"), ("gpt", "three")],
+                          "[1] is from the user where the assistant should speak"),
+    "two_assistant_messages": ("sharegpt", [("human", "one"), ("gpt", "two"), ("gpt", "three")],
+                               "[2] is from the assistant where the user should speak"),
     "system_in_the_middle": ("messages", [("user", "one"), ("assistant", "two"), ("system", "three"),
-                                          ("user", "four"), ("assistant", "five")], 2),
+                                          ("user", "four"), ("assistant", "five")],
+                             "[2] is from the system where the user should speak"),
 }
 
 
@@ -232,13 +235,13 @@ def conversation_rows(format_name, bad_messages, row=2, total=4):
 
 @pytest.mark.parametrize("case", NOT_ALTERNATING)
 def test_roles_that_do_not_alternate_name_file_and_row(case, run_preprocess, write_rows):
-    format_name, messages, index = NOT_ALTERNATING[case]
+    format_name, messages, complaint = NOT_ALTERNATING[case]
     path = write_rows("chat.jsonl", conversation_rows(format_name, messages))
     list_key = "conversations" if format_name == "sharegpt" else "messages"
     with pytest.raises(ValueError) as error:
         run_preprocess([path], turns="all", prompt_template="vicuna_v1.1")
     text = str(error.value)
-    assert text.startswith(f"{path}: row 2: {list_key}[{index}] is a ") and "roles must alternate" in text
+    assert text.startswith(f"{path}: row 2: {list_key}{complaint}; ") and "roles must alternate" in text
 
 
 @pytest.mark.parametrize("case", NOT_ALTERNATING)
