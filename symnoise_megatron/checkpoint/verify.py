@@ -64,6 +64,21 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
 
 
+def check_same_model(hf_dir: str, megatron_dir: str, model) -> None:
+    """Refuse two different models before any forward pass (tokens of one vocabulary would index
+    past the other's embedding, a traceback rather than an answer)."""
+    from dataclasses import asdict
+
+    from symnoise_megatron.checkpoint.convert import read_hf_config
+    from symnoise_megatron.checkpoint.hf_config import model_config_from_hf
+
+    theirs, ours = asdict(model_config_from_hf(read_hf_config(hf_dir))), asdict(model)
+    differing = [f"{key} {ours[key]} vs {theirs[key]}" for key in ours if ours[key] != theirs[key]]
+    if differing:
+        raise ValueError(f"--megatron-dir {megatron_dir} and --hf-dir {hf_dir} are different models: "
+                         + ", ".join(differing))
+
+
 def compare_with_transformers(
     hf_dir: str, megatron_dir: str, parallel, *, batch: int = 2, seq: int = 32, seed: int = 0,
 ) -> Optional[ParityReport]:
@@ -79,6 +94,7 @@ def compare_with_transformers(
     from symnoise_megatron.noise import NoiseConfig
 
     model = model_config_of(megatron_dir)
+    check_same_model(hf_dir, megatron_dir, model)
     validate_layout(model, parallel)
     info = paths.read_info(megatron_dir)
     chunks = build_model_chunks(

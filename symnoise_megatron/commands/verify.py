@@ -35,12 +35,14 @@ def parse_args(argv=None):
 
 def run(args):
     from symnoise_megatron.checkpoint import paths
-    from symnoise_megatron.checkpoint.verify import compare_with_transformers
+    from symnoise_megatron.checkpoint.convert import model_config_of
+    from symnoise_megatron.checkpoint.verify import check_same_model, compare_with_transformers
 
-    # A folder that is no checkpoint (or holds only an unfinished save) fails here, before
-    # any rank waits on another.
+    # A folder that is no checkpoint (or holds only an unfinished save), or two different
+    # models, fail here, before any rank waits on another.
     paths.read_info(args.megatron_dir)
     paths.read_tracker(args.megatron_dir)
+    check_same_model(args.hf_dir, args.megatron_dir, model_config_of(args.megatron_dir))
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     initialize_distributed(parallel)
     report = compare_with_transformers(args.hf_dir, args.megatron_dir, parallel,

@@ -51,3 +51,15 @@ def test_logits_match_transformers(reports, layout, name):
 def test_one_conversion_gives_the_same_loss_under_every_layout(reports, name):
     losses = [reports[layout][name].megatron_loss for layout in LAYOUTS]
     assert max(losses) - min(losses) < 1e-5
+
+
+def test_verify_refuses_two_different_models_naming_what_differs(converted, tmp_path, capsys):
+    from symnoise_megatron.commands.verify import main
+
+    names = list(converted)
+    hf_dir, _ = converted["opt"]
+    _, megatron_dir = converted[next(name for name in names if name.startswith("llama"))]
+    assert main(["--hf-dir", hf_dir, "--megatron-dir", megatron_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --megatron-dir {megatron_dir} and --hf-dir {hf_dir} are different models: ")
+    assert "architecture llama vs opt" in err and err.count("\n") == 1
