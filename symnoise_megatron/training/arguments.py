@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under torchrun; without a GPU it runs on CPU with gloo.",
     )
     parser.add_argument("--config", nargs="+", action="extend", help="YAML or JSON file whose keys are these flags' names (command line "
-                        "wins); with several files, a later file wins over an earlier one")
+                        "wins); with several files, a later file wins over an earlier one, and a later --train-iters "
+                        "replaces an earlier --train-epochs (and back)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__.split(chr(10))[0].rstrip('.')})")
         for item in fields(cls):
@@ -353,10 +354,18 @@ def parse_config(argv=None) -> TrainingConfig:
     """The command line over the ``--config`` files (later files over earlier ones)."""
     args = vars(build_parser().parse_args(argv))
     values = {}
-    for path in args.pop("config") or []:
-        values.update(load_config_file(path))
-    values.update({k: v for k, v in args.items() if v is not None})
+    for source in [load_config_file(path) for path in args.pop("config") or []] + [
+            {k: v for k, v in args.items() if v is not None}]:
+        for either, other in ALTERNATIVES:  # a later source's choice replaces an earlier one's
+            if either in source or other in source:
+                values.pop(either, None), values.pop(other, None)
+        values.update(source)
     return TrainingConfig.from_flags(**values)
+
+
+# Flags that say one thing two ways: a run config's 3 epochs give way to --train-iters 20 on the
+# command line (or a later file) rather than clash with it.
+ALTERNATIVES = [("train_iters", "train_epochs")]
 
 
 def load_config_file(path: str) -> dict:

@@ -1,5 +1,7 @@
 """The job's configuration: Megatron-LM flag names, a YAML/JSON file, the command line winning."""
 
+import os
+
 import pytest
 
 from symnoise_megatron.training.arguments import TrainingConfig, build_parser, parse_config
@@ -35,6 +37,20 @@ def test_later_config_files_win_and_the_command_line_over_all(tmp_path):
     # --config given twice (a launch script's files, then the user's): all files count, in order.
     repeated = parse_config(["--config", str(data_set), "--config", str(layout), "--data-path", "x"])
     assert repeated.flags() == parse_config(["--config", str(data_set), str(layout), "--data-path", "x"]).flags()
+
+
+def test_train_iters_on_the_command_line_replace_a_config_files_epochs(tmp_path):
+    # A quick trial of a shipped run config (3 epochs) with --train-iters: no clash, the flag wins.
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "alpaca.yaml")
+    config = parse_config(["--config", shipped, "--data-path", "x", "--train-iters", "20"])
+    config.optimizer.validate()
+    assert config.optimizer.train_iters == 20 and config.optimizer.train_epochs is None
+    later = tmp_path / "short.yaml"
+    later.write_text("train-iters: 7\n")
+    assert parse_config(["--config", shipped, str(later), "--data-path", "x"]).optimizer.train_epochs is None
+    # Both on one command line still clash.
+    with pytest.raises(ValueError, match="exactly one of --train-iters and --train-epochs"):
+        parse_config(["--data-path", "x", "--train-iters", "2", "--train-epochs", "1"]).optimizer.validate()
 
 
 def test_config_file_values_take_their_flags_types_or_are_refused_by_name(tmp_path):
