@@ -38,7 +38,7 @@ def parse_args(argv=None):
     model.add_argument("--megatron-dir", help="a megatron checkpoint directory (converted on the fly)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--instruction", action="append", help="answer this (repeat for several)")
-    prompts.add_argument("--prompts", help="AlpacaEval prompt file (JSON list with 'instruction') or JSONL")
+    prompts.add_argument("--prompts", help="AlpacaEval prompt file (JSON list with 'instruction'), JSONL or Parquet")
     parser.add_argument("--output", help="with --prompts: the model-outputs JSON to write or resume")
     parser.add_argument("--generator-name", help="the 'generator' field (default: the checkpoint's name)")
     parser.add_argument("--limit", type=int, help="only the first N prompts")

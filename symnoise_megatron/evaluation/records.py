@@ -1,4 +1,4 @@
-"""Reading evaluation files: a JSON array of objects (AlpacaEval's format) or JSON Lines."""
+"""Reading evaluation files: a JSON array of objects (AlpacaEval's format), JSON Lines or Parquet."""
 
 from __future__ import annotations
 
@@ -32,9 +32,19 @@ def read_records(path: str, field: str, allow_empty: bool = False) -> List[dict]
     """The objects of ``path``, each required to have a string ``field``; an offending row is
     named with what is wrong (no such key, a null value, another type). A file without rows is
     an error unless ``allow_empty``."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    rows = _parse(path, text)
+    if path.lower().endswith(".parquet"):
+        from symnoise_megatron.data.readers import read_rows
+
+        rows = [raw.payload for raw in read_rows(path)]
+        text = "rows" if rows else ""
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                             "expected a JSON array of objects, JSON Lines or a .parquet file") from None
+        rows = _parse(path, text)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON array of objects, got a JSON {type(rows).__name__}")
     if not rows and not allow_empty:
