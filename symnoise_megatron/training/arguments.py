@@ -174,7 +174,12 @@ class PrecisionOptions:
     recompute_granularity: Optional[str] = option(None, "full or selective activation recomputation")
 
     def validate(self) -> None:
-        pass  # the GPU-only settings are checked against Transformer Engine when the model is built
+        # Whether Transformer Engine is there for the GPU-only settings is checked when the model is built.
+        for flag, value, allowed in (("--fp8-format", self.fp8_format, ("e4m3", "hybrid")),
+                                     ("--fp8-recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise")),
+                                     ("--recompute-granularity", self.recompute_granularity, ("full", "selective"))):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
 
     @property
     def params_dtype(self):

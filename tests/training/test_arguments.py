@@ -85,6 +85,9 @@ def test_flat_flags_round_trip_through_the_sections():
     ("model", dict(model="gpt-17"), "--model 'gpt-17' is not a preset"),
     ("noise", dict(noise_pairing="interleaved"), "--noise-pairing one of"),
     ("checkpoint", dict(save_interval=5), "--save-interval needs --save"),
+    ("precision", dict(recompute_granularity="ful"), "--recompute-granularity 'ful': use one of full, selective"),
+    ("precision", dict(fp8_format="e5m2"), "--fp8-format 'e5m2': use one of e4m3, hybrid"),
+    ("precision", dict(fp8_recipe="mxfp8"), "--fp8-recipe 'mxfp8': use one of delayed, tensorwise, blockwise"),
 ])
 def test_each_section_validates_itself(section, values, message):
     from symnoise_megatron.training.arguments import SECTIONS
