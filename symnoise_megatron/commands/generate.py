@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-template", choices=list(TEMPLATES),
                         help="the prompt format; default: the one the --megatron-dir checkpoint was fine-tuned with "
                              "(recorded at each save), else alpaca (a converted or Hugging Face model: say which)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="default 256 (NEFTune's AlpacaEval runs: 1024)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0 (default 1: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,

@@ -33,14 +33,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outputs", nargs="+")
     parser.add_argument("--dataset", choices=list(WORDS_PER_DATASET), default="alpaca",
-                        help="sets K, the words per response prefix: " + ", ".join(f"{k} {v}" for k, v in WORDS_PER_DATASET.items()))
+                        help="sets K, the words per response prefix (default alpaca): " + ", ".join(f"{k} {v}" for k, v in WORDS_PER_DATASET.items()))
     parser.add_argument("--words", type=int, help="K, overriding --dataset")
     parser.add_argument("--definition", choices=DEFINITIONS, default="paper",
                         help="paper: the published tables' code, bugs included (default); standard: corrected")
     parser.add_argument("--log-diversity-cap", type=float,
                         help=f"with --definition standard: the per-response log-diversity cap (default {PAPER_LOG_DIVERSITY_CAP:g}; "
                              "'inf' for none); the paper's is fixed at 20")
-    parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="default markdown")
     args = parser.parse_args(argv)
     words = args.words if args.words is not None else WORDS_PER_DATASET[args.dataset]
     check_words(words, args.definition)
