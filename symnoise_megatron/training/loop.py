@@ -121,6 +121,9 @@ class Trainer:
             if stop_reason:
                 self.log(f"exiting at iteration {self.iteration} ({stop_reason})")
                 break
+        if self.iteration >= self.train_iters and not self.history:
+            self.log(f"nothing to train: the run is at iteration {self.iteration} of {self.train_iters} "
+                     "(raise --train-iters or --train-epochs to train on)")
         self.metrics.finish()
         return self.history
 

@@ -236,6 +236,15 @@ def test_sigterm_saves_and_the_resumed_run_continues(data_prefix, tmp_path):
     rest = run_distributed(train_runs, 1, [config])[0][0]
     straight = run_distributed(train_runs, 1, [dict(config, save=str(tmp_path / "straight"))])[0][0]
     assert interrupted + rest == straight
+    # Run once more: nothing to train, said, and the finished checkpoint left alone.
+    again, messages = run_distributed(logged_run, 1, config)[0]
+    assert again == [] and read_tracker(save) == 4
+    assert any("nothing to train: the run is at iteration 4 of 4" in message for message in messages), messages
+
+
+def logged_run(config):
+    messages = []
+    return train_runs([config], log_hook=messages.append)[0], messages
 
 
 def build(config):
