@@ -59,8 +59,10 @@ def _ensure_process_group():
 
 def read_hf_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a folder: expected a Hugging Face model directory")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist: {directory} is no Hugging Face model directory")
     with open(path, encoding="utf-8") as handle:
         try:
             return json.load(handle)

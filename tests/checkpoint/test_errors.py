@@ -95,3 +95,15 @@ def test_cli_exits_with_the_message(tmp_path, capsys):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bloom"}))
     assert main(["hf-to-megatron", "--load-dir", str(tmp_path / "bad"), "--save-dir", str(tmp_path / "o")]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
+
+
+def test_a_mistyped_or_wrong_load_dir_is_named(tmp_path, capsys):
+    from tools.convert_checkpoint import main
+
+    missing, empty = tmp_path / "lama-7b", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["hf-to-megatron", "--load-dir", str(missing), "--save-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: {missing} is not a folder: expected a Hugging Face model directory\n"
+    assert main(["hf-to-megatron", "--load-dir", str(empty), "--save-dir", str(tmp_path / "o")]) == 2
+    assert f"{empty} is no Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
