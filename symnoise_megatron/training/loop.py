@@ -106,14 +106,14 @@ class Trainer:
         self.metrics.start()
         while self.iteration < self.train_iters:
             record = self._train_one_iteration()
+            if self.metrics.log_due(self.train_iters):  # as Megatron-LM: the step's line, then its validation
+                self.metrics.log_window(record, self.train_iters, self.sampler.consumed_samples,
+                                        self.skipped_iterations, self._noise_scale())
             if self._due(self.config.logging.eval_interval):
                 with self.metrics.paused():
                     record["validation_loss"] = self.evaluate()
                 self.metrics.validation(record["validation_loss"])
             self.history.append(record)
-            if self.metrics.log_due(self.train_iters):
-                self.metrics.log_window(record, self.train_iters, self.sampler.consumed_samples,
-                                        self.skipped_iterations, self._noise_scale())
             stop_reason = self.stop.reason(self.iteration)
             if self.config.checkpoint.save and (self._due(self.config.checkpoint.save_interval) or stop_reason
                                                 or self.iteration == self.train_iters):

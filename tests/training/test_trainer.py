@@ -242,6 +242,14 @@ def test_sigterm_saves_and_the_resumed_run_continues(data_prefix, tmp_path):
     assert any("nothing to train: the run is at iteration 4 of 4" in message for message in messages), messages
 
 
+def test_each_step_line_comes_before_its_validation_line(data_prefix):
+    _, messages = run_distributed(logged_run, 1, dict(BASE, data_path=[data_prefix], train_iters=2, eval_interval=1,
+                                                      eval_iters=1))[0]
+    lines = [m for m in messages if "iteration        " in m or "validation loss at" in m]
+    kinds = ["validation" if "validation loss" in line else "step" for line in lines]
+    assert kinds == ["step", "validation", "step", "validation"], lines
+
+
 def logged_run(config):
     messages = []
     return train_runs([config], log_hook=messages.append)[0], messages
