@@ -7,6 +7,8 @@ from typing import List
 import torch
 
 from symnoise_megatron.data.sft_dataset import Sample, collate, empty_packed_row, pack
+from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.noise.embedding_noise import noise_scale
 from symnoise_megatron.training.arguments import TrainingConfig
 from symnoise_megatron.data.microbatch import MicroBatch, concatenate
 
@@ -53,3 +55,17 @@ class StepBatches:
             multiple = size * (self.pipeline_stages if self.interleaved else 1)
             rows += [empty_packed_row(self.seq_length, self.pad_id) for _ in range(-len(rows) % multiple)]
         return [concatenate(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def noise_scale_totals(microbatches: List[MicroBatch], noise: NoiseConfig, hidden_size: int) -> torch.Tensor:
+    """[sum of alpha / sqrt(L * d), number of samples] over the distinct samples of a step's
+    micro-batches (float64): summed over data-parallel ranks, the step's mean noise scale, the
+    same under every layout (one rank's last micro-batch is not)."""
+    if not noise.enabled:
+        return torch.zeros(2, dtype=torch.float64)
+    uids = torch.cat([mb.sample_uids.reshape(-1) for mb in microbatches])
+    lengths = torch.cat([mb.lengths.reshape(-1) for mb in microbatches])
+    real = lengths > 0
+    samples = torch.unique(torch.stack([uids[real], lengths[real]], dim=1), dim=0)  # a packed sample spans many positions
+    scales = noise_scale(noise.alpha, samples[:, 1], hidden_size).to(torch.float64)
+    return torch.tensor([float(scales.sum()), float(samples.shape[0])], dtype=torch.float64)

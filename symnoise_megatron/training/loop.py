@@ -16,11 +16,10 @@ import torch.distributed as dist
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
 from symnoise_megatron.noise.config import NoiseConfig
-from symnoise_megatron.noise.embedding import noisy_embeddings
 from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing
 from symnoise_megatron.training.arguments import TrainingConfig
-from symnoise_megatron.training.batches import StepBatches
+from symnoise_megatron.training.batches import StepBatches, noise_scale_totals
 from symnoise_megatron.training.datasets import check_tokenizers, load_training_data
 from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.metrics_sink import MetricsSink, check_logging_packages
@@ -138,7 +137,12 @@ class Trainer:
         return bool(interval) and self.iteration % interval == 0
 
     def _noise_scale(self) -> float:
-        return max((e.last_noise_scale for c in self.chunks for e in noisy_embeddings(c)), default=0.0)
+        """The last step's mean alpha / sqrt(L * d) over its samples on every data-parallel rank."""
+        from megatron.core import parallel_state
+
+        totals = noise_scale_totals(self.last_step_microbatches, self.noise, self.model_config.hidden_size)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
 
     # steps ------------------------------------------------------------------------------
     def train_step(self):
@@ -149,6 +153,7 @@ class Trainer:
             chunk.train()
         microbatches = self.batches(self.sampler.next_global_batch(), self.datasets.train_indices, self.datasets.train)
         self.last_step_positions = sum(mb.tokens.numel() for mb in microbatches) * self.noise.copies
+        self.last_step_microbatches = microbatches
         loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):

@@ -69,20 +69,25 @@ LAYOUTS = {"tp1": (1, 1, 1, None), "dp2": (1, 1, 2, None), "tp2": (2, 1, 2, None
 
 
 @pytest.fixture(scope="module")
-def layout_losses(data_prefix):
+def layout_runs(data_prefix):
+    """Per layout: the losses and the noise scales of rank 0's log lines."""
     out = {}
     for name, (tp, pp, world, per_virtual_stage) in LAYOUTS.items():
         config = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                       num_layers_per_virtual_pipeline_stage=per_virtual_stage)
-        out[name] = run_distributed(train_runs, world, [config])[0][0]
+        losses, messages = run_distributed(logged_run, world, config)[0]
+        out[name] = losses, [float(m.split("noise scale: ")[1].split()[0]) for m in messages if "noise scale: " in m]
     return out
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "tp1"])
-def test_every_layout_trains_the_same_losses(layout_losses, layout):
-    reference = layout_losses["tp1"]
-    assert len(reference) == 4 and reference[-1] < reference[0]
-    assert layout_losses[layout] == pytest.approx(reference, rel=2e-5, abs=2e-5)
+def test_every_layout_trains_the_same_losses_and_logs_the_same_noise_scale(layout_runs, layout):
+    losses, scales = layout_runs["tp1"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert layout_runs[layout][0] == pytest.approx(losses, rel=2e-5, abs=2e-5)
+    # The logged scale is the step's mean over all its samples, not one rank's last micro-batch.
+    assert len(scales) == 4 and all(scale > 0 for scale in scales)
+    assert layout_runs[layout][1] == pytest.approx(scales, rel=1e-3)
 
 
 @pytest.mark.parametrize("pairing", ["concat", "microbatch"])

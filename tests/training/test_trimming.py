@@ -1,6 +1,7 @@
 """Cutting a step's padding: only padding goes, every micro-batch keeps one length."""
 
 import numpy as np
+import pytest
 import torch
 
 from symnoise_megatron.data.sft_dataset import Sample, collate, pack
@@ -26,3 +27,16 @@ def test_packed_rows_keep_per_token_fields_and_a_full_row_is_not_cut():
     assert all(mb.tokens.shape[1] == 64 for mb in trimmed)  # the first row holds 60 of 64: rounded up, nothing to cut
     short = trimmed_to_longest(pack(samples([10, 7]), 64), 8)
     assert short[0].tokens.shape[1] == 24 and short[0].lengths.shape == (1, 24)
+
+
+def test_the_logged_noise_scale_counts_each_sample_once_padded_or_packed():
+    from symnoise_megatron.noise.config import NoiseConfig
+    from symnoise_megatron.training.batches import noise_scale_totals
+
+    padded = collate(samples([5, 21]), 32)
+    packed = pack([Sample(uid + 10, np.arange(1, n + 2), np.ones(n + 1)) for uid, n in enumerate([40, 30, 20])], 64)
+    alpha, hidden = 5.0, 64
+    total, count = noise_scale_totals([padded] + packed, NoiseConfig("symmetric", alpha), hidden).tolist()
+    assert count == 5  # a packed sample spans many positions and rows of padding count for nothing
+    assert total == pytest.approx(sum(alpha / (n * hidden) ** 0.5 for n in (5, 21, 40, 30, 20)), rel=1e-6)
+    assert noise_scale_totals([padded], NoiseConfig("none", alpha), hidden).tolist() == [0.0, 0.0]
