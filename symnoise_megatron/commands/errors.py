@@ -2,6 +2,7 @@
 one line and 130, the shell's code for SIGINT (each command's own cleanup has run by then)."""
 
 import functools
+import os
 import sys
 
 # Errors that name a bad file, row, flag or checkpoint: shown without a traceback.
@@ -15,10 +16,18 @@ def exits_on_user_error(main):
             return main(argv)
         except USER_ERRORS as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
-            print(f"error: {message}", file=sys.stderr)
+            say(f"error: {message}")
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            say("interrupted")
             return 130
 
     return wrapped
+
+
+def say(line: str) -> None:
+    """One write per line, so that the ranks of a torchrun job never splice their lines together;
+    a rank other than 0 names itself (an error only one node's files cause must not go unsaid)."""
+    rank = os.environ.get("RANK", "0")
+    sys.stderr.write(("" if rank == "0" else f"[rank {rank}] ") + line + "\n")
+    sys.stderr.flush()

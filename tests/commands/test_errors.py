@@ -30,3 +30,16 @@ def test_ctrl_c_during_preprocessing_is_one_line_130_and_leaves_nothing(tmp_path
     assert process.returncode == 130, err[-2000:]
     assert err.endswith("interrupted\n") and "Traceback" not in err, err[-2000:]
     assert not glob.glob(f"{prefix}*")  # no temporary and no half-written output
+
+
+def test_an_error_is_one_line_and_a_rank_other_than_0_names_itself(monkeypatch, capsys):
+    from symnoise_megatron.commands.errors import exits_on_user_error
+
+    @exits_on_user_error
+    def main(argv=None):
+        raise FileNotFoundError("/data/node2/alpaca_tokens.idx does not exist")
+
+    monkeypatch.setenv("RANK", "0")
+    assert main() == 2 and capsys.readouterr().err == "error: /data/node2/alpaca_tokens.idx does not exist\n"
+    monkeypatch.setenv("RANK", "9")
+    assert main() == 2 and capsys.readouterr().err == "[rank 9] error: /data/node2/alpaca_tokens.idx does not exist\n"
