@@ -63,9 +63,9 @@ def noise_scale_totals(microbatches: List[MicroBatch], noise: NoiseConfig, hidde
     same under every layout (one rank's last micro-batch is not)."""
     if not noise.enabled:
         return torch.zeros(2, dtype=torch.float64)
-    uids = torch.cat([mb.sample_uids.reshape(-1) for mb in microbatches])
-    lengths = torch.cat([mb.lengths.reshape(-1) for mb in microbatches])
-    real = lengths > 0
-    samples = torch.unique(torch.stack([uids[real], lengths[real]], dim=1), dim=0)  # a packed sample spans many positions
-    scales = noise_scale(noise.alpha, samples[:, 1], hidden_size).to(torch.float64)
-    return torch.tensor([float(scales.sum()), float(samples.shape[0])], dtype=torch.float64)
+    # A packed sample's length stands at each of its positions: take it at its first (position 0).
+    lengths = torch.cat([mb.lengths[mb.position_ids == 0] if mb.lengths.dim() == 2 else mb.lengths
+                         for mb in microbatches])
+    lengths = lengths[lengths > 0]
+    scales = noise_scale(noise.alpha, lengths, hidden_size).to(torch.float64)
+    return torch.tensor([float(scales.sum()), float(lengths.numel())], dtype=torch.float64)
