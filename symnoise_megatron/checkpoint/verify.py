@@ -72,7 +72,11 @@ def check_same_model(hf_dir: str, megatron_dir: str, model) -> None:
     from symnoise_megatron.checkpoint.convert import read_hf_config
     from symnoise_megatron.checkpoint.hf_config import model_config_from_hf
 
-    theirs, ours = asdict(model_config_from_hf(read_hf_config(hf_dir))), asdict(model)
+    def forward_shape(config) -> dict:
+        # What the logits depend on: None query groups means one per head, and the init std does not count.
+        return dict(asdict(config), num_query_groups=config.query_groups, init_method_std=None)
+
+    theirs, ours = forward_shape(model_config_from_hf(read_hf_config(hf_dir))), forward_shape(model)
     differing = [f"{key} {ours[key]} vs {theirs[key]}" for key in ours if ours[key] != theirs[key]]
     if differing:
         raise ValueError(f"--megatron-dir {megatron_dir} and --hf-dir {hf_dir} are different models: "

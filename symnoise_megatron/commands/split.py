@@ -20,6 +20,9 @@ from symnoise_megatron.evaluation.records import read_records, records_text, spl
 
 def refuse_clashing_paths(named_paths: List[Tuple[str, str]]) -> None:
     """Two flags naming one file (through a link too): writing one would destroy the other."""
+    for flag, path in named_paths[1:]:  # the outputs (the first is the input)
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder; give the file to write")
     for position, (first_flag, first_path) in enumerate(named_paths):
         for second_flag, second_path in named_paths[position + 1:]:
             if os.path.realpath(first_path) == os.path.realpath(second_path):
@@ -43,7 +46,10 @@ def write_outputs(outputs: List[Tuple[str, str, List[dict]]]) -> None:
             except OSError as error:
                 raise ValueError(f"{flag} {path}: cannot write ({error.strerror})") from None
         for (flag, path, _), temporary in zip(outputs, staged):
-            os.replace(temporary, path)
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise ValueError(f"{flag} {path}: cannot write ({error.strerror})") from None
     finally:
         for temporary in staged:
             if os.path.exists(temporary):

@@ -95,10 +95,10 @@ def _conversation_format(list_key: str, role_key: str, text_key: str):
                                "roles must alternate user/assistant after an optional system message")
             if kind == "assistant":
                 pairs.append(Turn(entries[position - 1][2], text))
+                if turns == "first":  # what follows the first exchange is not used: not judged either
+                    break
         if not pairs:
             raise RowError("no_exchange", f"{list_key!r} has no user message followed by an assistant message")
-        if turns == "first":
-            pairs = pairs[:1]
         for turn in pairs:
             _response(turn.response, list_key)
         return Example(pairs, system)

@@ -362,7 +362,7 @@ def parse_config(argv=None) -> TrainingConfig:
     for source in [load_config_file(path) for path in args.pop("config") or []] + [
             {k: v for k, v in args.items() if v is not None}]:
         for either, other in ALTERNATIVES:  # a later source's choice replaces an earlier one's
-            if either in source or other in source:
+            if source.get(either) is not None or source.get(other) is not None:
                 values.pop(either, None), values.pop(other, None)
         values.update(source)
     return TrainingConfig.from_flags(**values)

@@ -140,7 +140,7 @@ class Trainer:
         """The last step's mean alpha / sqrt(L * d) over its samples on every data-parallel rank."""
         from megatron.core import parallel_state
 
-        totals = noise_scale_totals(self.last_step_microbatches, self.noise, self.model_config.hidden_size)
+        totals = self.last_step_noise_totals.to(self.device)  # NCCL reduces device tensors only
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
 
@@ -153,7 +153,8 @@ class Trainer:
             chunk.train()
         microbatches = self.batches(self.sampler.next_global_batch(), self.datasets.train_indices, self.datasets.train)
         self.last_step_positions = sum(mb.tokens.numel() for mb in microbatches) * self.noise.copies
-        self.last_step_microbatches = microbatches
+        # A few milliseconds on the host; keeps no micro-batch (their masks) alive past the step.
+        self.last_step_noise_totals = noise_scale_totals(microbatches, self.noise, self.model_config.hidden_size)
         loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):

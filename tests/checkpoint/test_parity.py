@@ -53,6 +53,21 @@ def test_one_conversion_gives_the_same_loss_under_every_layout(reports, name):
     assert max(losses) - min(losses) < 1e-5
 
 
+def test_a_model_trained_from_a_preset_and_its_export_are_the_same_model(tmp_path):
+    # Presets leave num_query_groups None (one per head); config.json always states the KV heads.
+    import json
+
+    from symnoise_megatron.checkpoint.hf_config import hf_config_from_model
+    from symnoise_megatron.checkpoint.verify import check_same_model
+    from symnoise_megatron.model.config import PRESETS
+
+    for name in ("tiny", "llama2-7b"):
+        (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(PRESETS[name])))
+        check_same_model(str(tmp_path), "run", PRESETS[name])
+    with pytest.raises(ValueError, match="different models: num_layers 2 vs 32"):
+        check_same_model(str(tmp_path), "run", PRESETS["tiny"])
+
+
 def test_verify_refuses_two_different_models_naming_what_differs(converted, tmp_path, capsys):
     from symnoise_megatron.commands.verify import main
 

@@ -37,6 +37,15 @@ def test_an_output_that_is_the_input_or_the_other_output_is_refused(clash, sourc
     assert source.read_text() == before and not other.exists()
 
 
+def test_an_output_that_is_a_folder_is_refused_and_nothing_written(source, tmp_path, capsys):
+    folder, train = tmp_path / "held_out", tmp_path / "train.json"
+    folder.mkdir()
+    train.write_text("old")
+    assert split(source, train, folder) == 2
+    assert capsys.readouterr().err == f"error: --held-out-output {folder} is a folder; give the file to write\n"
+    assert train.read_text() == "old" and os.listdir(folder) == []
+
+
 def test_a_link_to_the_input_is_the_input(source, tmp_path, capsys):
     link = tmp_path / "link.json"
     os.symlink(source, link)

@@ -266,6 +266,18 @@ def test_a_leading_system_message_and_a_leading_assistant_greeting_still_read(ru
     assert meta["samples"] == 1 and not meta.get("skipped_rows")
 
 
+def test_the_first_exchange_is_kept_whatever_follows_it(run_preprocess, write_rows):
+    # --turns first (the default) uses only the first exchange: a repeated role after it is not judged.
+    from symnoise_megatron.data.formats import FORMATS
+
+    row = conversation_row("sharegpt", [("human", "one"), ("gpt", "two"), ("gpt", "two again"), ("human", "three")])
+    assert [(turn.user, turn.response) for turn in FORMATS["sharegpt"](row, "first").turns] == [("one", "two")]
+    meta, _ = run_preprocess([write_rows("chat.jsonl", [row])])
+    assert meta["samples"] == 1 and not meta.get("skipped_rows")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        run_preprocess([write_rows("chat.jsonl", [row])], turns="all")
+
+
 def test_an_input_given_twice_is_refused_before_any_work(run_preprocess, write_rows, tmp_path):
     path = write_rows("input.jsonl", [GOOD] * 3)
     os.symlink(path, tmp_path / "link.jsonl")

@@ -48,6 +48,10 @@ def test_train_iters_on_the_command_line_replace_a_config_files_epochs(tmp_path)
     later = tmp_path / "short.yaml"
     later.write_text("train-iters: 7\n")
     assert parse_config(["--config", shipped, str(later), "--data-path", "x"]).optimizer.train_epochs is None
+    # A later file that leaves train-iters unset (null) does not clear the earlier epochs.
+    unset = tmp_path / "unset.yaml"
+    unset.write_text("train-iters: null\n")
+    assert parse_config(["--config", shipped, str(unset), "--data-path", "x"]).optimizer.train_epochs == 3.0
     # Both on one command line still clash.
     with pytest.raises(ValueError, match="exactly one of --train-iters and --train-epochs"):
         parse_config(["--data-path", "x", "--train-iters", "2", "--train-epochs", "1"]).optimizer.validate()
