@@ -10,7 +10,7 @@ import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from symnoise_megatron.noise.config import NoiseConfig
-from symnoise_megatron.noise.embedding_noise import embedding_noise, noise_scale
+from symnoise_megatron.noise.embedding_noise import embedding_noise
 from symnoise_megatron.noise.fused import add_noise_fused, fused_noise_usable
 
 
@@ -53,8 +53,6 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
         super().__init__(*args, **kwargs)
         self.noise_config = noise_config
         self.noise_batch: Optional[NoiseBatch] = None
-        # Mean per-token scale of the last noised micro-batch, for logging.
-        self._last_noise_scale = torch.zeros(())
         # The Triton kernel where it can run (CUDA); the torch reference otherwise.
         self.use_fused_noise: bool = True
 
@@ -78,11 +76,6 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
         noisy.deterministic_mode = embedding.deterministic_mode
         return noisy
 
-    @property
-    def last_noise_scale(self) -> float:
-        """The mean noise scale alpha / sqrt(L d) of the last noised micro-batch (0 before any)."""
-        return float(self._last_noise_scale)
-
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         output = super().forward(input_)
         if not self.training or not self.noise_config.enabled:
@@ -101,8 +94,6 @@ class NoisyVocabParallelEmbedding(VocabParallelEmbedding):
                 f"NoiseBatch positions {tuple(batch.positions.shape)} do not match the "
                 f"input tokens {tuple(input_.shape)}"
             )
-        # Kept on the device: a float() here would sync the host on every micro-batch.
-        self._last_noise_scale = noise_scale(self.noise_config.alpha, batch.lengths, self.embedding_dim).mean()
         rows_first, positions, uids, lengths, sign = self._noised_view(output, batch, end_to_end)
         if self.use_fused_noise and fused_noise_usable(rows_first):
             noised = add_noise_fused(rows_first, self.noise_config, uids, positions, lengths, sign, self.embedding_dim)

@@ -32,12 +32,14 @@ def state_around_a_forward_step():
     microbatch = MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions,
                             attention_mask_from_positions(positions), torch.arange(ROWS), torch.full((ROWS,), SEQ))
     embedding = noisy_embeddings(model)[0]
+    outputs = []
+    embedding.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().clone()))
 
     model.train()
     output, loss_func = forward_step(iter([microbatch]), model)
     loss_func(output)  # as megatron-core's schedule: after the forward step has returned
     after = {"noise_batch": embedding.noise_batch, "loss_positions": model.loss_positions,
-             "noised": embedding.last_noise_scale > 0}
+             "noised": not torch.allclose(outputs[0], torch.nn.functional.embedding(tokens, embedding.weight))}
     try:
         model(tokens, positions, microbatch.attention_mask, labels=microbatch.labels)
         after["second_forward"] = "ran"
