@@ -6,7 +6,7 @@ import json
 import random
 from typing import List, Tuple
 
-from symnoise_megatron.common.files import write_json_atomically
+from symnoise_megatron.common.files import write_text_atomically
 
 
 def _parse(path: str, text: str) -> list:
@@ -73,14 +73,14 @@ def split_records(rows: List[dict], held_out: int, seed: int) -> Tuple[List[dict
     return ([row for i, row in enumerate(rows) if i not in chosen], [row for i, row in enumerate(rows) if i in chosen])
 
 
+def records_text(value) -> str:
+    """The JSON text the evaluation files hold (AlpacaEval's indented, non-ASCII kept)."""
+    return json.dumps(value, indent=1, ensure_ascii=False)
+
+
 def write_json(value, path: str) -> None:
     """JSON, written atomically (a reader never sees half a file)."""
-    write_json_atomically(path, value, indent=1, ensure_ascii=False)
-
-
-def records_text(rows: List[dict]) -> str:
-    """The text ``write_records`` writes: a JSON array."""
-    return json.dumps(rows, indent=1, ensure_ascii=False)
+    write_text_atomically(path, records_text(value))
 
 
 def write_records(rows: List[dict], path: str) -> None:
