@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -12,8 +13,13 @@ from megatron.core import parallel_state
 from symnoise_megatron.model.parallelism import ParallelConfig
 
 
-def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None, seed: int = 1234) -> None:
+def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None, seed: int = 1234,
+                           timeout_minutes: int = 10) -> None:
     """Join the job's process group (torchrun's environment) and build megatron's groups.
+
+    ``timeout_minutes`` (Megatron-LM's --distributed-timeout-minutes, default 10 as there):
+    how long a collective waits for the slowest rank, for the process group and for every
+    group megatron-core builds (whose own default is 30).
 
     On a GPU this also seeds megatron-core's CUDA RNG tracker (tensor-parallel weight
     init and dropout fork it), as Megatron-LM's initialisation does; on CPU the runtime
@@ -22,13 +28,14 @@ def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = No
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     parallel.data_parallel_size(dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -114,8 +114,14 @@ class ParallelismOptions:
     use_distributed_optimizer: bool = option(
         False, "shard the optimizer state over the data-parallel ranks (ZeRO-1, megatron-core's DistributedOptimizer); "
         "its checkpoints resume under the same TP/PP with any DP size")
+    distributed_timeout_minutes: int = option(
+        10, "how long a collective may wait for the slowest rank before the run fails (Megatron-LM's flag): the "
+            "process group's timeout and megatron-core's groups'. Raise it where one rank can lag behind the others "
+            "for longer, such as a save of a large model to a slow file system")
 
     def validate(self) -> None:
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError("--distributed-timeout-minutes must be at least 1")
         if self.context_parallel_size > 1:
             # The noise is context-parallel ready (tested), the loop is not: it would feed every
             # CP rank whole sequences. Refused rather than trained wrong.
@@ -224,10 +230,27 @@ class CheckpointOptions:
     dist_ckpt_optim_fully_reshardable: bool = option(
         False, "with --use-distributed-optimizer: write its state per parameter (gathered over the data-parallel "
         "ranks at save, slower) so that a resume may change TP and PP too")
+    keep_last: Optional[int] = option(
+        None, "after each save, once the new checkpoint's files match its manifest, remove the older ones but the "
+              "newest N that match theirs (the latest is never removed; default: keep all)")
+    keep_every: Optional[int] = option(
+        None, "with --keep-last: also keep every checkpoint whose iteration is a multiple of this (milestones)")
+    stop_file: Optional[str] = option(
+        None, "save and exit after the iteration in which this file appears (rank 0 looks every iteration and "
+              "removes it); the SLURM script creates it at the time-limit warning, so the save's grace does not "
+              "depend on how long torchrun waits after a signal")
 
     def validate(self) -> None:
         if self.save_interval and not self.save:
             raise ValueError("--save-interval needs --save")
+        for flag, value in (("--keep-last", self.keep_last), ("--keep-every", self.keep_every)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1")
+            if value is not None and not self.save:
+                raise ValueError(f"{flag} needs --save")
+        if self.keep_every is not None and self.keep_last is None:
+            raise ValueError("--keep-every names checkpoints to keep besides --keep-last's: give --keep-last too "
+                             "(without it every checkpoint is kept)")
 
 
 @dataclass

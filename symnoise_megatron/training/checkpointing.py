@@ -207,19 +207,25 @@ def write_manifest(directory: str) -> None:
                               fsync=True, indent=1, sort_keys=True)
 
 
+def complete_per_manifest(directory: str) -> bool:
+    """Whether ``directory`` has a manifest and every file it lists, at the size it lists (a quick
+    check: no hashing)."""
+    manifest = os.path.join(directory, MANIFEST)
+    if not os.path.exists(manifest):
+        return False
+    with open(manifest, encoding="utf-8") as handle:
+        listed = json.load(handle)["files"]
+    return all(os.path.exists(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == entry["bytes"]
+               for name, entry in listed.items())
+
+
 def previous_checkpoint(root: str, iteration: Optional[int]) -> str:
     """A sentence naming the newest complete earlier iteration (files as its manifest lists them)."""
     earlier = sorted((n for n in map(paths.iteration_of, os.listdir(root)) if n is not None and (iteration is None or n < iteration)),
                      reverse=True)
     for candidate in earlier:
         directory = paths.iteration_dir(root, candidate)
-        manifest = os.path.join(directory, MANIFEST)
-        if not os.path.exists(manifest):
-            continue
-        with open(manifest, encoding="utf-8") as handle:
-            listed = json.load(handle)["files"]
-        if all(os.path.exists(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == entry["bytes"]
-               for name, entry in listed.items()):
+        if complete_per_manifest(directory):
             return (f"the previous good checkpoint is iteration {candidate} ({directory}): write {candidate} into "
                     f"{os.path.join(root, paths.TRACKER)} to resume from it")
     return f"there is no earlier complete checkpoint in {root}"

@@ -17,7 +17,7 @@ from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
-from symnoise_megatron.training import checkpointing
+from symnoise_megatron.training import checkpointing, retention
 from symnoise_megatron.training.arguments import TrainingConfig
 from symnoise_megatron.training.batches import StepBatches, noise_scale_totals
 from symnoise_megatron.training.datasets import check_tokenizers, load_training_data
@@ -59,7 +59,8 @@ class Trainer:
         check_transformer_engine_features(config)
         check_logging_packages(config.logging)
 
-        initialize_distributed(self.parallel, seed=config.optimizer.seed)
+        initialize_distributed(self.parallel, seed=config.optimizer.seed,
+                               timeout_minutes=config.parallelism.distributed_timeout_minutes)
         self.device = compute_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -195,6 +196,9 @@ class Trainer:
             fully_reshardable_optimizer=self.config.checkpoint.dist_ckpt_optim_fully_reshardable,
             prompt_template=self.datasets.train.meta.get("prompt_template"))
         self.log(f"saved checkpoint at iteration {self.iteration} to {target}")
+        options = self.config.checkpoint
+        if options.keep_last and dist.get_rank() == 0:
+            retention.remove_old_checkpoints(options.save, options.keep_last, options.keep_every, self.log)
 
     def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -19,20 +19,22 @@ from symnoise_megatron.model.config import ModelConfig
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.training import checkpointing
 from symnoise_megatron.training.arguments import TrainingConfig, flag_name
+from symnoise_megatron.training.lock_file import take_save_lock
 
 def tokenizer_checkpoint(config: TrainingConfig) -> Optional[str]:
     """The checkpoint whose hf_assets hold the tokenizer the data must match: the one the run starts from."""
     return config.checkpoint.save if paths.has_checkpoint(config.checkpoint.save) else config.model.load
 
 
-def acquire_save_lock(save: Optional[str], log) -> Optional[checkpointing.SaveLock]:
-    """Rank 0 holds --save's lock for the run; every rank stops if another run holds it."""
+def acquire_save_lock(save: Optional[str], log):
+    """Rank 0 holds --save's lock for the run (a flock, or a lock file where flock is refused: lock_file);
+    every rank stops if another run holds it."""
     if not save:
         return None
     lock, error = None, None
     if dist.get_rank() == 0:
         try:
-            lock = checkpointing.SaveLock(save, log)
+            lock = take_save_lock(save, log)
         except ValueError as refused:
             error = str(refused)
     verdict = [error]
