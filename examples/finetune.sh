@@ -14,7 +14,12 @@
 # CONFIGS (more run-config files after the preset's, e.g. one with `bf16: false` for FP32),
 # ITERS and SAVE_INTERVAL (cpu preset: --train-iters and --save-interval), MASTER_PORT,
 # SHUTDOWN_TIMEOUT (seconds torchrun's agent lets its workers save after SIGTERM before it
-# kills them; torchrun's own default is 30), FINETUNE_MODULE.
+# kills them; torchrun's own default is 30, and torch before 2.12 ignores the setting: checked
+# below), STOP_FILE (--stop-file: the SLURM script's way to stop it), FINETUNE_MODULE, TORCHRUN,
+# PYTHON (torchrun's Python, for that check).
+# With tensor parallelism (from the files or the flags) it sets CUDA_DEVICE_MAX_CONNECTIONS=1,
+# as Megatron-LM requires: one CUDA work queue, so that the tensor-parallel communication is
+# scheduled before the computation that waits for it.
 set -euo pipefail
 configs_dir="$(dirname "$0")/configs"
 : "${DATASET:=alpaca}" "${PRESET:=llama2-7b}" "${NNODES:=1}"
@@ -49,8 +54,16 @@ esac
 : "${DATA:?preprocessed data prefix (symnoise-preprocess)}"
 OUT=${OUT:-runs/$PRESET-$DATASET-${NOISE_KIND:-symmetric}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-# torch's torchrun reads this where it has --shutdown-timeout; older ones kill after 30 s.
+# torchrun reads this from torch 2.12 on (its --shutdown-timeout); older ones kill after 30 s.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}  # the sbatch lead time
+torch_dir=$("${PYTHON:-python}" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])' \
+            2>/dev/null || true)
+if [ "$NODE_RANK" = 0 ] && ! grep -qs TORCH_ELASTIC_SHUTDOWN_TIMEOUT "$torch_dir/distributed/launcher/api.py"; then
+  echo "WARNING: this torch's torchrun (${torch_dir:-torch not found by ${PYTHON:-python}}; before torch 2.12) ignores" \
+       "TORCH_ELASTIC_SHUTDOWN_TIMEOUT: it kills its workers 30 s after a SIGTERM, so a save on scancel --signal=TERM" \
+       "or preemption has 30 s, not $TORCH_ELASTIC_SHUTDOWN_TIMEOUT (the SLURM script's time-limit stop uses --stop-file" \
+       "and keeps its whole lead)" >&2
+fi
 if [ "$NNODES" -gt 1 ]; then
   : "${MASTER_ADDR:?address of the first node (NNODES > 1)}"
   rendezvous=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
@@ -58,7 +71,22 @@ else
   rendezvous=(--standalone)  # a free port: several one-node jobs can share a machine
 fi
 [ "$PRESET" = cpu ] || launch+=(--tensorboard-dir "$OUT/tensorboard")
+[ -z "${STOP_FILE:-}" ] || launch+=(--stop-file "$STOP_FILE")
 read -ra extra_configs <<< "${CONFIGS:-}"
+tensor_parallel=1  # the last file's value, then the last flag's
+for file in "$configs_dir/$DATASET.yaml" "$configs_dir/layouts/$layout.yaml" "${extra_configs[@]}"; do
+  value=$(sed -n 's/^tensor[-_]model[-_]parallel[-_]size:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$file" | tail -n 1)
+  tensor_parallel=${value:-$tensor_parallel}
+done
+previous=
+for argument in "${launch[@]}" "$@"; do
+  case "$previous" in --tensor-model-parallel-size) tensor_parallel=$argument ;; esac
+  case "$argument" in --tensor-model-parallel-size=*) tensor_parallel=${argument#*=} ;; esac
+  previous=$argument
+done
+if [ "$tensor_parallel" -gt 1 ]; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+fi
 # exec: the signals SLURM sends to this task reach torchrun itself, which passes them on.
 exec "${TORCHRUN:-torchrun}" "${rendezvous[@]}" --nproc-per-node "$NPROC_PER_NODE" \
   -m "${FINETUNE_MODULE:-symnoise_megatron.finetune}" \

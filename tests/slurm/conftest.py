@@ -62,10 +62,17 @@ def tiny_run_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def job_env(slurm, tiny_run_inputs):
-    """The environment a user submits from: this Python's torchrun first on PATH, the
-    repository importable, the cluster's configuration, the CPU preset and its inputs."""
-    ckpt, data = tiny_run_inputs
+def submit_env(slurm):
+    """The environment a user submits from: this Python's torchrun and console scripts first on
+    PATH, the repository importable, the cluster's configuration, and cluster settings
+    (examples/cluster/settings.env) for this small cluster: jobs share its nodes, a CPU each."""
     return dict(slurm.env, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PRESET="cpu", CKPT=ckpt, DATA=data,
-                OMP_NUM_THREADS="1")
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                EXCLUSIVE="0", CPUS_PER_NODE="1", MEM_PER_NODE="500M")
+
+
+@pytest.fixture(scope="session")
+def job_env(submit_env, tiny_run_inputs):
+    """``submit_env`` with the CPU preset and its inputs."""
+    ckpt, data = tiny_run_inputs
+    return dict(submit_env, PRESET="cpu", CKPT=ckpt, DATA=data)
