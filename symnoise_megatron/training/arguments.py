@@ -232,7 +232,7 @@ class CheckpointOptions:
         "ranks at save, slower) so that a resume may change TP and PP too")
     keep_last: Optional[int] = option(
         None, "after each save, once the new checkpoint's files match its manifest, remove the older ones but the "
-              "newest N that match theirs (the latest is never removed; default: keep all)")
+              "newest N that match theirs (the latest is never removed); unset, every checkpoint is kept")
     keep_every: Optional[int] = option(
         None, "with --keep-last: also keep every checkpoint whose iteration is a multiple of this (milestones)")
     stop_file: Optional[str] = option(

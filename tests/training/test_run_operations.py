@@ -67,6 +67,18 @@ def test_leftovers_are_removed_and_newer_folders_left_alone(tmp_path):
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000005.partial", "iter_0000006", paths.TRACKER]
 
 
+def test_retention_flags_are_checked_before_any_work():
+    from symnoise_megatron.training.arguments import CheckpointOptions
+
+    for options, message in ((dict(keep_last=2), "--keep-last needs --save"),
+                             (dict(save="run", keep_last=0), "--keep-last must be at least 1"),
+                             (dict(save="run", keep_every=100), "--keep-every names checkpoints to keep besides "
+                                                                "--keep-last's: give --keep-last too")):
+        with pytest.raises(ValueError, match=message):
+            CheckpointOptions(**options).validate()
+    CheckpointOptions(save="run", keep_last=2, keep_every=1000).validate()
+
+
 # The fine-tune's saves --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
