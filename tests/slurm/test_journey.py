@@ -11,7 +11,6 @@ needs symnoise-evaluate, another change's command, and a judge: not run here.)
 """
 
 import json
-import os
 import re
 import subprocess
 
