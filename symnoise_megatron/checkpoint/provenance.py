@@ -255,11 +255,11 @@ def describe(record: dict) -> List[Tuple[str, str]]:
 
 
 def label(record: dict) -> str:
-    """One line naming a training run: its noise, model, data and where it stands."""
+    """One line naming a training run: its noise, model, data, seed and where it stands."""
     run = record["run"]
     model = run.get("model") or {}
     train = run.get("data", {}).get("train", [])
-    data = " + ".join((f"{e['weight']:.2g}x" if len(train) > 1 else "") + os.path.basename(str(e.get("prefix"))) for e in train)
-    return (f"{noise_text(run.get('noise'))}; {model.get('num_layers')}-layer {model.get('architecture', 'llama')} "
-            f"(hidden {model.get('hidden_size')}); data {data or '?'}; seed {run.get('flags', {}).get('seed')}; "
+    data = " + ".join((f"{e['weight']:.2g} " if len(train) > 1 else "") + os.path.basename(str(e.get("prefix"))) for e in train)
+    return (f"noise {noise_text(run.get('noise'))}; {model.get('architecture', 'llama')} {model.get('num_layers')} layers, "
+            f"hidden {model.get('hidden_size')}; data {data or '?'}; seed {run.get('flags', {}).get('seed')}; "
             f"iteration {record.get('iteration')}")

@@ -24,7 +24,7 @@ from symnoise_megatron.evaluation.inspection import inspect_path, render
 
 @exits_on_user_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="symnoise-inspect", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a checkpoint folder or iter_* folder, a preprocessed prefix (or one of its files), "
                                      "an exported Hugging Face directory, or a generated outputs file")

@@ -176,7 +176,8 @@ def _rows(report: dict) -> List[Tuple[str, str]]:
     if kind == "generated outputs":
         generator = report["generator"]
         rows.append(("answers", f"{report['answers']} (engine {report.get('engine')}, batch size {report.get('batch_size')})"))
-        rows.append(("model", f"{generator.get('model')} at iteration {generator.get('checkpoint_iteration')}"))
+        iteration = generator.get("checkpoint_iteration")
+        rows.append(("model", f"{generator.get('model')}" + ("" if iteration is None else f" at iteration {iteration}")))
         decoding = ", ".join(f"{k} {generator[k]}" for k in ("template", "decoding", "max_new_tokens", "repetition_penalty",
                                                               "temperature", "top_p", "seed") if k in generator)
         rows.append(("decoding", decoding))

@@ -115,11 +115,11 @@ def _compare_prefixes(changes: Changes, flag: str, saved: Optional[List[dict]], 
         _note(changes, "allowed", flag, was, now, f"{flag} {now} (checkpoint: {was}; moved, the same content)")
         return
     if was == now:  # the same prefixes and weights, other files
-        details = "; ".join(f"{e['prefix']}: digest {e['digest'].split(':')[-1][:12]}, {e['samples']} samples "
+        details = ", ".join(f"{e['prefix']} now has digest {e['digest'].split(':')[-1][:12]} and {e['samples']} samples "
                             f"(checkpoint: digest {str(s.get('digest')).split(':')[-1][:12]}, {s.get('samples')} samples)"
                             for s, e in zip(saved, ours) if s.get("digest") != e["digest"])
         _note(changes, kind, flag, [s.get("digest") for s in saved], [e["digest"] for e in ours],
-              f"{flag} {now}: its content changed ({details})")
+              f"{flag} {now}: other content: {details}")
         return
     _note(changes, kind, flag, was, now)
 
