@@ -182,14 +182,20 @@ def test_allowed_changes_the_override_and_the_history_after_two_resumes(provenan
     shutil.copytree(provenance_run["run"], save)
     base = dict(provenance_run["config"], save=save)
     first = dict(base, train_iters=3, global_batch_size=16, lr=1e-3, log_interval=2, override_opt_param_scheduler=True)
-    second = dict(first, train_iters=4, seq_length=64, override_data_config=True)
+    # Other data (another sample count, so another sample order) and another --seq-length, overridden.
+    other = preprocess_rows(bundled_rows()[:150], str(tmp_path / "other"))
+    b = provenance_run["b"]
+    second = dict(first, train_iters=4, seq_length=64, data_path=["0.7", other, "0.3", b], override_data_config=True)
     (losses3, lines3), (losses4, lines4) = run_distributed(trains, 1, [first, second])[0]
     assert len(losses3) == len(losses4) == 1  # each resume trained on
     [allowed] = [line for line in lines3 if line.startswith("resuming ")]
     assert allowed == (f"resuming {save}/iter_0000002 with changes a resume allows: --global-batch-size 16 (checkpoint: 8), "
                        "--train-iters 3 (checkpoint: 2), --lr 0.001 (checkpoint: 0.002), --log-interval 2 (checkpoint: 1)")
     assert not [line for line in lines3 if line.startswith("WARNING")]
+    a = provenance_run["a"]
     assert [line for line in lines4 if line.startswith("WARNING")] == [
+        f"WARNING: --save {save}: --data-path 0.7 {other} 0.3 {b} (checkpoint: 0.7 {a} 0.3 {b}) (--override-data-config: "
+        "training on with this run's)",
         f"WARNING: --save {save}: --seq-length 64 (checkpoint: 128) (--override-data-config: training on with this run's)"]
     record = read_record(os.path.join(save, "iter_0000004"))
     start, resumed, overridden = record["history"]
@@ -198,6 +204,8 @@ def test_allowed_changes_the_override_and_the_history_after_two_resumes(provenan
     assert resumed["changed"] == {"--global-batch-size": [8, 16], "--train-iters": [2, 3], "--lr": [0.002, 0.001],
                                   "--log-interval": [1, 2]}
     assert (overridden["event"], overridden["iteration"]) == ("resume", 3)
-    assert overridden["changed"] == {"--seq-length": [128, 64], "--train-iters": [3, 4]}
-    assert overridden["overridden"] == ["--seq-length"]
+    assert overridden["changed"] == {"--data-path": [f"0.7 {a} 0.3 {b}", f"0.7 {other} 0.3 {b}"],
+                                     "--seq-length": [128, 64], "--train-iters": [3, 4]}
+    assert overridden["overridden"] == ["--data-path", "--seq-length"]
     assert record["run"]["data"]["seq_length"] == 64 and record["run"]["data"]["global_batch_size"] == 16
+    assert record["run"]["data"]["train"][0]["prefix"] == other
