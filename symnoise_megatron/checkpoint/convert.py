@@ -194,15 +194,23 @@ def hf_to_megatron(
         copy_files(load_dir, assets, HF_ASSET_FILES)
         if model.traits.unused_position_rows:
             _keep_opt_unused_positions(reader, assets, dtype, model.traits.unused_position_rows)
-    record = provenance.new_record("conversion", {
-        "converted_from": os.path.abspath(load_dir), "model": asdict(model), "dtype": str(dtype).replace("torch.", "") if dtype else None,
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "versions": software_versions()},
-        [provenance.history_entry("convert", None)])
     paths.save_atomically(save_dir, None, sharded, {
         "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
-    }, before_publish=lambda staging: provenance.write(staging, record) if dist.get_rank() == 0 else None)
+    }, before_publish=lambda staging: _write_conversion_record(staging, load_dir, model, dtype, make_vocab_size_divisible_by))
     return model
+
+
+def _write_conversion_record(staging: str, load_dir: str, model: ModelConfig, dtype: Optional[torch.dtype],
+                             make_vocab_size_divisible_by: int) -> None:
+    """What the converted checkpoint came from (rank 0, into ``release/`` before it is published)."""
+    if dist.get_rank() != 0:
+        return
+    provenance.write(staging, provenance.new_record("conversion", {
+        "converted_from": os.path.abspath(load_dir), "model": asdict(model),
+        "dtype": str(dtype).replace("torch.", "") if dtype else None,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "versions": software_versions()},
+        [provenance.history_entry("convert", None)]))
 
 
 def _remove_entries(directory: str, entries) -> None:

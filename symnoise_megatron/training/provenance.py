@@ -145,8 +145,6 @@ def compare_runs(saved: dict, ours: dict) -> Changes:
     for key, value in ours["flags"].items():
         if key in DATA_FLAGS or key in NOT_COMPARED or key not in saved_flags or saved_flags[key] == value:
             continue
-        if key in ("global_batch_size", "micro_batch_size") and saved_data.get(key) == value:
-            continue
         _note(changes, "allowed", flag_name(key), saved_flags[key], value)
     for key in ("data_parallel_size", "world_size"):
         was = (saved.get("layout") or {}).get(key)
