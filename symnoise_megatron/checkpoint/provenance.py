@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.common.files import write_json_atomically

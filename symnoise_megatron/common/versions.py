@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from typing import Dict, Optional
 
@@ -21,6 +22,11 @@ def software_versions() -> Dict[str, object]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    # A Transformer Engine built from source may be installed under another distribution name;
+    # the trainer has imported it by then when it is used.
+    engine = sys.modules.get("transformer_engine")
+    if "transformer-engine" not in versions and getattr(engine, "__version__", None):
+        versions["transformer-engine"] = str(engine.__version__)
     commit = checkout_commit()
     if commit:
         versions["symnoise-megatron git"] = commit
