@@ -6,12 +6,14 @@
 Each --run is NAME=TRAINING_LOG[:OUTPUTS_JSON]; the log is the fine-tune's console output
 (Megatron-LM's line format), the outputs AlpacaEval's model-outputs JSON of that run.
 Writes loss.png (training and validation loss), responses.png (length distribution,
-rep-2, log-diversity) and table.md. Each run is labelled from its provenance (the record of the
-checkpoints its log says it saved, or of the model its outputs name), and runs of different
-models or data are refused in one table unless --allow-mixed. The table gives rep-2 and log-diversity of the first K
+rep-2, log-diversity) and table.md. The table gives rep-2 and log-diversity of the first K
 words under both definitions of symnoise-metrics: "paper" (the published tables' code,
 bugs included, comparable with NEFTune's and SymNoise's Table 4) and "standard" (corrected);
 the plots show the paper's.
+
+Each run is labelled from its provenance (the record of the last checkpoint its log says it
+saved, or of the model its outputs name), in a second table; runs of different models or
+training data are refused in one table unless --allow-mixed.
 """
 
 import argparse
