@@ -91,3 +91,16 @@ def test_a_config_file_may_write_the_weights_as_numbers(tmp_path):
     assert config.data.data_path == ["0.7", "data/a", "0.3", "data/b"]
     with pytest.raises(ValueError, match="--data-path: 'x' \\(before 'data/b'\\) is not a weight"):
         parse_config(["--data-path", "0.7", "data/a", "x", "data/b", "--train-iters", "2"]).validate()
+
+
+def test_a_one_sample_prefix_in_a_blend(bundled_prefix, tmp_path):
+    from tests.provenance_runs import bundled_rows, preprocess_rows
+
+    one = preprocess_rows(bundled_rows()[:1], str(tmp_path / "one"))
+    data = load_training_data(DataOptions(data_path=["0.9", bundled_prefix, "0.1", one], split="98,2"), seed=1234)
+    assert data.train_parts == [310, 1] and data.valid_parts == [6, 0]
+    order = data.train_order(1234)  # drawn every tenth sample or so, the same sample each time
+    assert {order.sample_at(n) for n in range(100) if order.sample_at(n) >= 310} == {310}
+    assert [data.valid_order().sample_at(n) for n in range(6)] == list(range(6))  # validation: the big prefix only
+    with pytest.raises(ValueError, match=f"--data-path {one}: none of its 1 samples is left to train on under --split 50,50"):
+        load_training_data(DataOptions(data_path=["0.9", bundled_prefix, "0.1", one], split="50,50"), seed=1234)
