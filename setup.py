@@ -26,6 +26,7 @@ setup(
             "symnoise-split = symnoise_megatron.commands.split:main",
             "symnoise-plan = symnoise_megatron.commands.plan:main",
             "symnoise-materialize = symnoise_megatron.commands.materialize:main",
+            "symnoise-inspect = symnoise_megatron.commands.inspect_path:main",
         ],
     },
     install_requires=[

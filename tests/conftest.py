@@ -21,3 +21,7 @@ def smollm2_hf(tmp_path_factory):
 
     cache = os.environ.get("SYMNOISE_CACHE") or str(tmp_path_factory.mktemp("model_cache"))
     return materialize("smollm2-135m-instruct", cache, progress=False, log=lambda message: None)
+
+
+# The chain the provenance, inspect and compare tests read (tests/provenance_runs.py).
+from tests.provenance_runs import provenance_run  # noqa: E402,F401

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from symnoise_megatron.checkpoint import layouts, paths
+from symnoise_megatron.checkpoint import layouts, paths, provenance
 from symnoise_megatron.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
 from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_HF, TO_MEGATRON
 from symnoise_megatron.checkpoint.layouts import OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter, copy_files
+from symnoise_megatron.common.versions import software_versions
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
 TOKENIZER_FILES = (
@@ -196,8 +197,20 @@ def hf_to_megatron(
     paths.save_atomically(save_dir, None, sharded, {
         "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "hf_config": hf_config, "converted_from": os.path.abspath(load_dir),
-    })
+    }, before_publish=lambda staging: _write_conversion_record(staging, load_dir, model, dtype, make_vocab_size_divisible_by))
     return model
+
+
+def _write_conversion_record(staging: str, load_dir: str, model: ModelConfig, dtype: Optional[torch.dtype],
+                             make_vocab_size_divisible_by: int) -> None:
+    """What the converted checkpoint came from (rank 0, into ``release/`` before it is published)."""
+    if dist.get_rank() != 0:
+        return
+    provenance.write(staging, provenance.new_record("conversion", {
+        "converted_from": os.path.abspath(load_dir), "model": asdict(model),
+        "dtype": str(dtype).replace("torch.", "") if dtype else None,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "versions": software_versions()},
+        [provenance.history_entry("convert", None)]))
 
 
 def _remove_entries(directory: str, entries) -> None:
@@ -329,3 +342,14 @@ def _write_hf(load_dir, checkpoint_dir, save_dir, info, model, metadata, max_sha
         config["torch_dtype"] = config["dtype"] = str(metadata["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
         json.dump(config, handle, indent=2)
     copy_files(os.path.join(load_dir, paths.HF_ASSETS), save_dir, HF_ASSET_FILES)
+    _write_export_record(load_dir, save_dir, model)
+
+
+def _write_export_record(load_dir: str, save_dir: str, model: ModelConfig) -> None:
+    """What the Hugging Face directory holds: the checkpoint and iteration it came from, and that
+    checkpoint's own record (its data, noise, history) as ``source``."""
+    iteration = paths.read_tracker(load_dir)
+    provenance.write(save_dir, provenance.new_record(
+        "export", {"exported_from": os.path.abspath(load_dir), "iteration": "release" if iteration is None else iteration,
+                   "model": asdict(model), "versions": software_versions()},
+        [provenance.history_entry("export", iteration)], source=provenance.latest_record(load_dir)))

@@ -10,7 +10,7 @@ epoch gets new noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -21,11 +21,14 @@ class SampleOrder:
         num_samples: samples in the (train) split.
         seed: shuffling seed; each epoch gets its own permutation.
         shuffle: off keeps the stored order in every epoch.
+        stream: a blend's part number (None: the whole data is one part), so that each part of a
+            blend is shuffled apart from the others.
     """
 
     num_samples: int
     seed: int = 1234
     shuffle: bool = True
+    stream: Optional[int] = None
     _cache: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -37,7 +40,8 @@ class SampleOrder:
             if len(self._cache) > 2:
                 self._cache.clear()
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch])
+                key = [self.seed, epoch] if self.stream is None else [self.seed, self.stream, epoch]
+                rng = np.random.default_rng(key)
                 self._cache[epoch] = rng.permutation(self.num_samples)
             else:
                 self._cache[epoch] = np.arange(self.num_samples)
@@ -54,7 +58,8 @@ class GlobalBatchSampler:
     """This data-parallel rank's share of each global batch, as (uid, dataset index) pairs.
 
     Global batch ``[c, c + G)`` is split into ``dp`` contiguous shares; rank ``r`` takes
-    share ``r``. Within a share, consecutive samples form micro-batches.
+    share ``r``. Within a share, consecutive samples form micro-batches. ``order``: a
+    ``SampleOrder``, or a ``BlendOrder`` over several prefixes (data/blend.py).
     """
 
     order: SampleOrder
@@ -63,6 +68,8 @@ class GlobalBatchSampler:
     data_parallel_rank: int = 0
     data_parallel_size: int = 1
     consumed_samples: int = 0
+    # Off when the run was told to train on other data than its checkpoint's (--override-data-config).
+    check_resumed_order: bool = True
 
     def __post_init__(self):
         per_rank, remainder = divmod(self.global_batch_size, self.data_parallel_size)
@@ -90,7 +97,7 @@ class GlobalBatchSampler:
                 "num_samples": self.order.num_samples, "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.order.num_samples or state["seed"] != self.order.seed:
+        if self.check_resumed_order and (state["num_samples"] != self.order.num_samples or state["seed"] != self.order.seed):
             raise ValueError(
                 f"the checkpoint's data order ({state['num_samples']} samples, seed {state['seed']}) "
                 f"does not match this run's ({self.order.num_samples} samples, seed {self.order.seed})"

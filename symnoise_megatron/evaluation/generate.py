@@ -24,7 +24,7 @@ import torch
 
 from symnoise_megatron.data.templates import Example, Turn, get_template
 from symnoise_megatron.data.tokenizer import TokenizerSpec
-from symnoise_megatron.evaluation.records import read_records, write_json, write_records
+from symnoise_megatron.evaluation.records import meta_path, read_records, write_json, write_records
 
 ENGINES = ("auto", "transformers", "vllm")
 DEFAULT_PROMPT_TEMPLATE = "alpaca"
@@ -250,11 +250,6 @@ def make_generator(hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: i
 def read_prompts(path: str) -> List[dict]:
     """AlpacaEval's prompt file (a JSON list of objects with ``instruction``) or JSONL."""
     return read_records(path, "instruction")
-
-
-def meta_path(output_path: str) -> str:
-    # Not ``.json``: a glob such as outputs/*.json must find the answers only.
-    return output_path + ".meta"
 
 
 def _check_generator(output_path: str, identity: Dict, answered: int) -> None:

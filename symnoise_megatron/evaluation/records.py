@@ -9,6 +9,12 @@ from typing import List, Tuple
 from symnoise_megatron.common.files import write_text_atomically
 
 
+def meta_path(output_path: str) -> str:
+    """Where a generated outputs file's generator record lies (symnoise-generate writes it, symnoise-inspect
+    reads it). Not ``.json``: a glob such as outputs/*.json must find the answers only."""
+    return output_path + ".meta"
+
+
 def _parse(path: str, text: str) -> list:
     """The file's rows; a parse error names the file and where in it the JSON breaks."""
     if text.lstrip().startswith("["):

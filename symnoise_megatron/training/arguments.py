@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
 from symnoise_megatron.checkpoint import paths
+from symnoise_megatron.data.blend import parse_blend
 from symnoise_megatron.model.config import PRESETS
 from symnoise_megatron.noise.config import NoiseConfig
 
@@ -38,12 +39,15 @@ def option(default=None, help: str = "", *, factory=None):
 class DataOptions:
     """The preprocessed data, how it is split and cut into rows, and the tokenizer checks."""
 
-    data_path: List[str] = option(factory=list, help="the output prefix of tools/preprocess_data.py")
+    data_path: List[str] = option(factory=list, help=(
+        "the output prefix of tools/preprocess_data.py, or a weighted blend in Megatron-LM's form W1 PREFIX1 W2 PREFIX2 "
+        "... (weights normalised; each prefix drawn in proportion to its weight; several prefixes without weights "
+        "are weighted by their sample counts)"))
     split: str = option("98,2", ("train,validation[,test] weights of a seeded shuffle of the samples, as Megatron's; the test part is "
                                   "set aside, neither trained nor validated on (ignored with --valid-data-path)"))
     valid_data_path: List[str] = option(
-        factory=list, help="a held-out set preprocessed with the same tokenizer and template: the validation loss "
-                           "comes from it and all of --data-path trains")
+        factory=list, help="a held-out set (a prefix or a weighted blend, as --data-path) preprocessed with the same "
+                           "tokenizer and template: the validation loss comes from it and all of --data-path trains")
     seq_length: int = option(512, "tokens per row; longer samples are cut")
     pack_sequences: bool = option(False, "pack several samples per row (attention and loss never cross samples)")
     tokenizer_model: Optional[str] = option(
@@ -55,21 +59,22 @@ class DataOptions:
     allow_tokenizer_mismatch: bool = option(
         False, "train although the data was tokenized with another tokenizer than the one in the "
                "checkpoint's hf_assets (default: refuse, naming the differences)")
+    override_data_config: bool = option(
+        False, "on resume, train on with this run's data (--data-path prefixes, weights or content), --seq-length, "
+               "--pack-sequences, --split or --seed although they differ from the checkpoint's record: a warning per "
+               "change, recorded in the checkpoint's history (default: refuse, naming each change)")
 
     def validate(self) -> None:
-        if not self.data_path:
-            raise ValueError("--data-path is required")
-        if len(self.data_path) != 1:
-            raise ValueError("--data-path takes one preprocessed prefix; concatenate inputs at preprocessing")
+        parse_blend(self.data_path, "--data-path")
         if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"--tokenizer-type {self.tokenizer_type!r}: the data can only have been tokenized by one of "
                              f"{', '.join(TOKENIZER_TYPES)} (this fine-tune reads the tokenizer recorded in the data)")
-        if len(self.valid_data_path) > 1:
-            raise ValueError("--valid-data-path takes one preprocessed prefix")
+        if self.valid_data_path:
+            parse_blend(self.valid_data_path, "--valid-data-path")
 
     def check_paths(self) -> None:
         for flag, prefixes in (("--data-path", self.data_path), ("--valid-data-path", self.valid_data_path)):
-            for prefix in prefixes:
+            for prefix in [entry.prefix for entry in parse_blend(prefixes, flag)] if prefixes else []:
                 if not os.path.exists(prefix + "_tokens.bin"):
                     raise FileNotFoundError(f"{flag} {prefix}: {prefix}_tokens.bin does not exist")
         if self.tokenizer_model is not None and not os.path.exists(self.tokenizer_model):
@@ -419,8 +424,9 @@ def _as_flag_value(path: str, key: str, value):
         return None
     if "List" in kind:
         value = value if isinstance(value, list) else [value]
-        if all(isinstance(entry, str) for entry in value):
-            return value
+        # A blend's weights: YAML reads [0.7, A, 0.3, B] with numbers, the command line as strings.
+        if all(isinstance(entry, (str, int, float)) and not isinstance(entry, bool) for entry in value):
+            return [str(entry) for entry in value]
     elif kind == "bool":
         if isinstance(value, bool):
             return value

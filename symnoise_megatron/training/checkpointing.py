@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from symnoise_megatron.checkpoint import paths
+from symnoise_megatron.checkpoint import paths, provenance
 from symnoise_megatron.checkpoint.load import model_sharded_state_dict, model_state_names
 from symnoise_megatron.common.files import sha256_of_file, write_json_atomically
 from symnoise_megatron.common.processes import pid_alive
@@ -322,8 +323,10 @@ class SaveLock:
 
 
 def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, noise, model, make_vocab_size_divisible_by,
-                    fully_reshardable_optimizer: bool = False, prompt_template: Optional[str] = None):
-    """``prompt_template``: the training data's, recorded so that generation asks in the same format."""
+                    fully_reshardable_optimizer: bool = False, prompt_template: Optional[str] = None,
+                    provenance_record: Optional[dict] = None):
+    """``prompt_template``: the training data's, recorded so that generation asks in the same format.
+    ``provenance_record``: what the run was made of (checkpoint/provenance.py), into the iteration's folder."""
     written_format = optimizer_format(optimizer, fully_reshardable_optimizer, len(chunks))
     state = _state(chunks, optimizer, is_loading=False, optimizer_format=written_format)
     state.update(iteration=iteration, opt_param_scheduler=scheduler.state_dict(),
@@ -334,7 +337,16 @@ def save_checkpoint(root, iteration, chunks, optimizer, scheduler, sampler, nois
         return paths.save_atomically(root, iteration, state, {
             "model": asdict(model), "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
             **({"prompt_template": prompt_template} if prompt_template else {})},
-            before_publish=write_manifest)
+            before_publish=functools.partial(_publish, record=provenance_record))
+
+
+def _publish(staging: str, record: Optional[dict]) -> None:
+    """Before the rename: the provenance record, then the manifest (which checksums it too)."""
+    if record is not None:
+        if dist.get_rank() == 0:
+            provenance.write(staging, record)
+        dist.barrier()
+    write_manifest(staging)
 
 
 def checkpoint_noise(root: str) -> Optional[dict]:

@@ -9,6 +9,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from symnoise_megatron.checkpoint import paths
+from symnoise_megatron.data.blend import BlendEntry, BlendOrder, ConcatenatedSamples, normalized_weights, parse_blend
+from symnoise_megatron.data.sampler import SampleOrder
 from symnoise_megatron.data.sft_dataset import SFTIndexedData, split_indices
 from symnoise_megatron.data.tokenizer import TokenizerSpec, identity_differences
 from symnoise_megatron.training.arguments import TOKENIZER_TYPES, DataOptions
@@ -16,15 +18,23 @@ from symnoise_megatron.training.arguments import TOKENIZER_TYPES, DataOptions
 
 @dataclass
 class TrainingData:
-    """The train set and the validation set (the same file under --split), with the sample
-    indices each one reads."""
+    """The train set and the validation set (the same prefixes under --split), with the sample
+    indices each one reads. With a blend (several --data-path prefixes), ``train`` and ``valid``
+    put the prefixes' samples in one index space, and the index arrays hold each prefix's part
+    in turn (``train_parts``/``valid_parts``: how many of each)."""
 
-    train: SFTIndexedData
-    valid: SFTIndexedData
+    train: ConcatenatedSamples
+    valid: ConcatenatedSamples
     train_indices: np.ndarray
     valid_indices: np.ndarray
     options: DataOptions
     test_indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # --split's third part
+    train_blend: List[BlendEntry] = field(default_factory=list)
+    valid_blend: List[BlendEntry] = field(default_factory=list)
+    train_parts: List[int] = field(default_factory=list)
+    valid_parts: List[int] = field(default_factory=list)
+    train_weights: List[float] = field(default_factory=list)  # normalised, one per prefix
+    valid_weights: List[float] = field(default_factory=list)
 
     @property
     def vocab_size(self) -> int:
@@ -36,38 +46,95 @@ class TrainingData:
 
     @property
     def mean_sample_length(self) -> int:
-        return round(self.train.meta["tokens"] / max(1, self.train.meta["samples"]))
+        metas = [part.meta for part in self.train.parts]
+        return round(sum(m["tokens"] for m in metas) / max(1, sum(m["samples"] for m in metas)))
+
+    def train_order(self, seed: int):
+        """The run's sample order over the train indices (one prefix: as before blends existed)."""
+        if len(self.train_parts) == 1:
+            return SampleOrder(self.train_parts[0], seed)
+        return BlendOrder(self.train_parts, self.train_weights, seed)
+
+    def valid_order(self):
+        """Validation reads the same samples at every evaluation: no shuffle, the blend's weights kept."""
+        sizes = [n for n in self.valid_parts if n]
+        if len(sizes) <= 1:
+            return SampleOrder(max(1, len(self.valid_indices)), shuffle=False)
+        weights = [w for w, n in zip(self.valid_weights, self.valid_parts) if n]
+        return BlendOrder(sizes, [w / sum(weights) for w in weights], shuffle=False)
 
     def split_description(self) -> str:
         """How many samples each part got, for the log: a --split test part is named as set aside."""
+        data_path = " ".join(self.options.data_path)
         if self.options.valid_data_path:
-            return (f"--data-path {self.options.data_path[0]}: {len(self.train_indices)} samples to train on; "
-                    f"--valid-data-path {self.options.valid_data_path[0]}: {len(self.valid_indices)} to validate on")
-        return (f"--split {self.options.split} of the {len(self.train)} samples of --data-path {self.options.data_path[0]}: "
+            return (f"--data-path {data_path}: {len(self.train_indices)} samples to train on; "
+                    f"--valid-data-path {' '.join(self.options.valid_data_path)}: {len(self.valid_indices)} to validate on")
+        return (f"--split {self.options.split} of the {len(self.train)} samples of --data-path {data_path}: "
                 f"{len(self.train_indices)} train, {len(self.valid_indices)} validation, {len(self.test_indices)} test "
                 "(the test part is set aside: neither trained nor validated on)")
 
+    def blend_description(self, order, total_samples: int) -> Optional[str]:
+        """For a blend, what the run's ``total_samples`` draw from each prefix and how often each is seen."""
+        if len(self.train_parts) < 2:
+            return None
+        counts = order.counts(total_samples)
+        shares = [f"{entry.prefix} (weight {weight:.3g}): {count} samples from its {size}, each seen "
+                  f"{count / size:.2f} times" for entry, weight, size, count in
+                  zip(self.train_blend, self.train_weights, self.train_parts, counts)]
+        return f"--data-path blend of {len(self.train_parts)} prefixes over the run's {total_samples} samples: " + "; ".join(shares)
+
     def described(self) -> List[Tuple[str, str, dict]]:
-        """(flag, prefix, meta) for --data-path and --valid-data-path."""
-        sets = [("--data-path", self.options.data_path[0], self.train.meta)]
+        """(flag, prefix, meta) for every prefix of --data-path and --valid-data-path."""
+        sets = [("--data-path", entry.prefix, part.meta) for entry, part in zip(self.train_blend, self.train.parts)]
         if self.options.valid_data_path:
-            sets.append(("--valid-data-path", self.options.valid_data_path[0], self.valid.meta))
+            sets += [("--valid-data-path", entry.prefix, part.meta) for entry, part in zip(self.valid_blend, self.valid.parts)]
         return sets
 
 
+def _preprocessed_alike(sets: List[Tuple[str, str, dict]]) -> None:
+    """Every prefix of a run must come from one tokenizer and one template, or one model would
+    read two vocabularies (or two prompt formats) under one set of weights."""
+    def described(meta):
+        return ({key: meta["tokenizer"][key] for key in ("kind", "vocab_size", "bos_id", "eos_id")}
+                | {"prompt_template": meta["prompt_template"]})
+
+    first_flag, first_prefix, first_meta = sets[0]
+    for flag, prefix, meta in sets[1:]:
+        if described(meta) != described(first_meta):
+            raise ValueError(f"{flag} {prefix} was preprocessed with another tokenizer or template than {first_flag} "
+                             f"{first_prefix}: {described(meta)} vs {described(first_meta)}")
+
+
 def load_training_data(options: DataOptions, seed: int) -> TrainingData:
-    """The data sets of ``options``; a held-out set must share the train set's tokenizer and template."""
-    train = SFTIndexedData(options.data_path[0])
-    if not options.valid_data_path:
-        train_indices, valid_indices, test_indices = split_indices(len(train), options.split_weights, seed)
-        return TrainingData(train, train, train_indices, valid_indices, options, test_indices)
-    valid = SFTIndexedData(options.valid_data_path[0])
-    described = [{key: d.meta["tokenizer"][key] for key in ("kind", "vocab_size", "bos_id", "eos_id")}
-                 | {"prompt_template": d.meta["prompt_template"]} for d in (train, valid)]
-    if described[0] != described[1]:
-        raise ValueError(f"--valid-data-path {options.valid_data_path[0]} was preprocessed with another tokenizer "
-                         f"or template than --data-path {options.data_path[0]}: {described[1]} vs {described[0]}")
-    return TrainingData(train, valid, np.arange(len(train)), np.arange(len(valid)), options)
+    """The data sets of ``options``; every prefix must share the first's tokenizer and template."""
+    train_blend = parse_blend(options.data_path, "--data-path")
+    train = ConcatenatedSamples([SFTIndexedData(entry.prefix) for entry in train_blend])
+    if options.valid_data_path:
+        valid_blend = parse_blend(options.valid_data_path, "--valid-data-path")
+        valid = ConcatenatedSamples([SFTIndexedData(entry.prefix) for entry in valid_blend])
+        train_splits = [(np.arange(len(part)), np.empty(0, np.int64), np.empty(0, np.int64)) for part in train.parts]
+        valid_splits = [(np.empty(0, np.int64), np.arange(len(part)), np.empty(0, np.int64)) for part in valid.parts]
+    else:
+        valid_blend, valid = train_blend, train
+        # Megatron-LM's rule for a blend: each prefix is split by --split on its own.
+        train_splits = valid_splits = [split_indices(len(part), options.split_weights, seed) for part in train.parts]
+    data = TrainingData(
+        train, valid,
+        np.concatenate([indices + start for (indices, _, _), start in zip(train_splits, train.starts)]),
+        np.concatenate([indices + start for (_, indices, _), start in zip(valid_splits, valid.starts)]),
+        options,
+        np.concatenate([indices + start for (_, _, indices), start in zip(train_splits, train.starts)]),
+        train_blend, valid_blend,
+        [len(t) for t, _, _ in train_splits], [len(v) for _, v, _ in valid_splits])
+    _preprocessed_alike(data.described())
+    for entry, part, size in zip(train_blend, train.parts, data.train_parts):
+        if not size:
+            raise ValueError(f"--data-path {entry.prefix}: none of its {len(part)} samples is left to train on "
+                             f"under --split {options.split}")
+    data.train_weights = normalized_weights(train_blend, data.train_parts)
+    data.valid_weights = (normalized_weights(valid_blend, data.valid_parts) if options.valid_data_path
+                          else data.train_weights)
+    return data
 
 
 def check_tokenizers(options: DataOptions, datasets, checkpoint_root: Optional[str], log) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from symnoise_megatron.checkpoint import paths
-from symnoise_megatron.data.sampler import GlobalBatchSampler, SampleOrder
+from symnoise_megatron.data.sampler import GlobalBatchSampler
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
 from symnoise_megatron.training import checkpointing, retention
@@ -29,6 +29,7 @@ from symnoise_megatron.training.model_chunks import (
     resolve_model_config,
 )
 from symnoise_megatron.training.optimizer import build_optimizer_and_scheduler, train_iterations
+from symnoise_megatron.training.provenance import start_record, with_iteration
 from symnoise_megatron.training.resume import ResumeOrLoad, acquire_save_lock, tokenizer_checkpoint
 from symnoise_megatron.training.stopping import StopConditions
 
@@ -64,12 +65,15 @@ class Trainer:
         self.device = compute_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.sampler = self._sampler(len(self.datasets.train_indices))  # checks the batch shape first
+        self.sampler = self._sampler(self.datasets.train_order(config.optimizer.seed))  # checks the batch shape first
+        self.sampler.check_resumed_order = not config.data.override_data_config
         self.save_lock = acquire_save_lock(config.checkpoint.save, log)  # then --save is created and held
         self.start = ResumeOrLoad(config, log)
         self.start.check_checkpoint(self.model_config)
         self.noise = config.noise.noise_config()
         self.start.check_noise(self.noise)
+        self.provenance = start_record(config, self.datasets, self.model_config, self.parallel, self.noise,
+                                       self.start.resuming, log)
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
         self.transformer_config = build_transformer_config(config, self.model_config, self.parallel)
@@ -77,16 +81,19 @@ class Trainer:
                                             self.start.weights_source(), self.datasets.mean_sample_length, log)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(config, self.chunks, self.train_iters)
         self.iteration = self.start.restore(self.chunks, self.optimizer, self.scheduler, self.sampler)
+        blend = self.datasets.blend_description(self.sampler.order, self.sampler.consumed_samples + (
+            self.train_iters - self.iteration) * config.optimizer.global_batch_size)
+        if blend:
+            log(blend)
         self.batches = StepBatches(config, self.datasets.pad_id)
         self.metrics = MetricsSink(config, self.model_config, log)
         self.stop = StopConditions(config.checkpoint, self.device)
         self.skipped_iterations = 0
         self.history: List[dict] = []
 
-    def _sampler(self, samples: int, shuffle: bool = True) -> GlobalBatchSampler:
+    def _sampler(self, order) -> GlobalBatchSampler:
         options = self.config.optimizer
-        return GlobalBatchSampler(SampleOrder(samples, options.seed, shuffle=shuffle), options.global_batch_size,
-                                  options.micro_batch_size, self.dp_rank, self.dp_size)
+        return GlobalBatchSampler(order, options.global_batch_size, options.micro_batch_size, self.dp_rank, self.dp_size)
 
     def close(self) -> None:
         """Let another run take --save (also at exit: the kernel drops the lock with the process)."""
@@ -180,7 +187,7 @@ class Trainer:
             return None
         for chunk in self.chunks:
             chunk.eval()
-        sampler = self._sampler(len(valid_indices), shuffle=False)
+        sampler = self._sampler(self.datasets.valid_order())
         loss_sum = tokens = 0.0
         with torch.no_grad():
             for _ in range(self.config.logging.eval_iters):
@@ -194,7 +201,8 @@ class Trainer:
             self.config.checkpoint.save, self.iteration, [c.module for c in self.chunks], self.optimizer, self.scheduler,
             self.sampler, self.noise, self.model_config, self.config.model.make_vocab_size_divisible_by,
             fully_reshardable_optimizer=self.config.checkpoint.dist_ckpt_optim_fully_reshardable,
-            prompt_template=self.datasets.train.meta.get("prompt_template"))
+            prompt_template=self.datasets.train.meta.get("prompt_template"),
+            provenance_record=with_iteration(self.provenance, self.iteration))
         self.log(f"saved checkpoint at iteration {self.iteration} to {target}")
         options = self.config.checkpoint
         if options.keep_last and dist.get_rank() == 0:
