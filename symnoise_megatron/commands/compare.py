@@ -1,7 +1,10 @@
-"""Put fine-tuning runs side by side: a Markdown table and PNG plots.
+"""Put fine-tuning runs side by side: Markdown tables and PNG plots, the paper's among them.
 
   symnoise-compare --run none=runs/none/train.log:outputs/none.json \\
       --run symnoise5=runs/sym/train.log:outputs/sym.json --output-dir results/ --dataset alpaca
+  # the paper's layout from run folders (Tables 1-4, Figure 1)
+  symnoise-compare --run-dir runs/alpaca_none --run-dir runs/alpaca_neftune5 \\
+      --run-dir runs/alpaca_symnoise5 --output-dir results/
 
 Each --run is NAME=TRAINING_LOG[:OUTPUTS_JSON]; the log is the fine-tune's console output
 (Megatron-LM's line format), the outputs AlpacaEval's model-outputs JSON of that run.
@@ -10,29 +13,31 @@ rep-2, log-diversity) and table.md. The table gives rep-2 and log-diversity of t
 words under both definitions of symnoise-metrics: "paper" (the published tables' code,
 bugs included, comparable with NEFTune's and SymNoise's Table 4) and "standard" (corrected);
 the plots show the paper's.
+
+Each --run-dir is a run folder: run.json (labels: data set, model, noise kind and alpha, seed),
+the run's symnoise-evaluate results (alpacaeval, leaderboard), optionally outputs.json and
+train.log. They give paper.md: Tables 1-2 (AlpacaEval win rate per data set and model for
+none / NEFTune / SymNoise, and the gain over none; one table per judge), Table 3 (every noise
+kind and alpha with win rate and average characters), Table 4 (text statistics of the
+answers) and Figure 1's numbers, with figure1.png (the leaderboard tasks per setting). Folders
+with the same labels are seeds. Folders with a train.log join the loss table and plots too.
 """
 
 import argparse
 import os
 
 from symnoise_megatron.commands.errors import exits_on_user_error
+from symnoise_megatron.common.files import write_text_atomically
 from symnoise_megatron.evaluation.metrics import DEFINITIONS, WORDS_PER_DATASET, check_words, read_outputs
+from symnoise_megatron.evaluation.paper import paper_layout, plot_leaderboard
+from symnoise_megatron.evaluation.run_folders import read_run_folder
 from symnoise_megatron.evaluation.runs import plot_runs, read_log, summary_table
 
 
-@exits_on_user_error
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", required=True, metavar="NAME=LOG[:OUTPUTS]")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--dataset", choices=list(WORDS_PER_DATASET), default="alpaca")
-    parser.add_argument("--words", type=int, help="K words per response prefix (default: per --dataset)")
-    args = parser.parse_args(argv)
-    words = args.words if args.words is not None else WORDS_PER_DATASET[args.dataset]
-    for definition in DEFINITIONS:
-        check_words(words, definition)
+def read_runs(specs):
+    """--run NAME=LOG[:OUTPUTS] arguments as runs."""
     runs = []
-    for spec in args.run:
+    for spec in specs:
         name, _, paths = spec.partition("=")
         log, _, outputs = paths.partition(":")
         if not name or not log:
@@ -40,11 +45,53 @@ def main(argv=None):
         run = read_log(log, name)
         run.outputs = read_outputs(outputs) if outputs else None
         runs.append(run)
-    table = summary_table(runs, words)
+    return runs
+
+
+def folder_runs(folders):
+    """The run folders that have a training log, as runs named by their setting (and data set and
+    model, when the folders hold several)."""
+    several = len({(f.dataset, f.model) for f in folders}) > 1
+    runs = []
+    for folder in folders:
+        if folder.log:
+            run = read_log(folder.log, f"{folder.dataset}/{folder.model}/{folder.setting}" if several else folder.setting)
+            run.outputs = folder.outputs
+            runs.append(run)
+    return runs
+
+
+@exits_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=LOG[:OUTPUTS]",
+                        help="a training log and (optionally) its answers; repeat per run")
+    parser.add_argument("--run-dir", action="append", default=[], metavar="FOLDER",
+                        help="a run folder (run.json and symnoise-evaluate results) for the paper's tables; repeat")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--dataset", choices=list(WORDS_PER_DATASET), default="alpaca")
+    parser.add_argument("--words", type=int, help="K words per response prefix (default: per --dataset)")
+    args = parser.parse_args(argv)
+    if not args.run and not args.run_dir:
+        parser.error("give at least one --run or --run-dir")
+    words = args.words if args.words is not None else WORDS_PER_DATASET[args.dataset]
+    for definition in DEFINITIONS:
+        check_words(words, definition)
+    folders = [read_run_folder(path) for path in args.run_dir]
+    runs = read_runs(args.run) + folder_runs(folders)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "table.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    written = plot_runs(runs, args.output_dir, words)
-    print(table)
-    print("wrote " + ", ".join(written + [os.path.join(args.output_dir, "table.md")]))
+    written = []
+    if runs:
+        table = summary_table(runs, words)
+        written.append(os.path.join(args.output_dir, "table.md"))
+        write_text_atomically(written[-1], table + "\n")
+        written += plot_runs(runs, args.output_dir, words)
+        print(table)
+    if folders:
+        layout = paper_layout(folders, words)
+        written.append(os.path.join(args.output_dir, "paper.md"))
+        write_text_atomically(written[-1], layout)
+        written += [path for path in [plot_leaderboard(folders, os.path.join(args.output_dir, "figure1.png"))] if path]
+        print(layout)
+    print("wrote " + ", ".join(written))
     return 0
