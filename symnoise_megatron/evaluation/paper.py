@@ -50,10 +50,8 @@ def _show(spread: Optional[Spread], digits: int = 2) -> Optional[str]:
 
 
 def annotators(folders: Sequence[RunFolder]) -> List[str]:
-    found: List[str] = []
-    for folder in folders:
-        found += [a for a in folder.alpacaeval if a not in found]
-    return found
+    """Every judge found, in name order (alpaca_eval_gpt4, Table 1's, before chatgpt, Table 2's)."""
+    return sorted({annotator for folder in folders for annotator in folder.alpacaeval})
 
 
 def win_rate(seeds: List[RunFolder], annotator: str) -> Optional[Spread]:
@@ -176,7 +174,7 @@ def plot_leaderboard(folders: Sequence[RunFolder], path: str) -> Optional[str]:
             axis.bar(positions, [s.mean if s else 0 for s, _ in scores], width,
                      yerr=[e or 0 for _, e in scores], capsize=3, label=setting)
         axis.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
-        axis.set_ylabel("score (%)")
+        axis.set_ylabel("score (%); bars: lm-eval's standard error", fontsize=8)
         axis.set_title(f"{model}, fine-tuned on {dataset}", fontsize=10)
         axis.legend(fontsize=8)
     figure.tight_layout()
