@@ -37,10 +37,10 @@ def choice_loglikelihoods(hf_dir):
     return scores
 
 
-def oracle(hf_dir):
+def oracle(hf_dir, scores=None):
     """acc and acc_norm (log-likelihood per character of the choice), each with the standard
     error of a mean; and the smallest margin between the chosen and the next choice."""
-    scores = choice_loglikelihoods(hf_dir)
+    scores = scores or choice_loglikelihoods(hf_dir)
     results, margin = {}, math.inf
     for name, scale in (("acc", lambda choice: 1.0), ("acc_norm", lambda choice: float(len(choice)))):
         correct = []
@@ -60,6 +60,20 @@ def evaluate(hf_dir, tasks_dir, output, *extra):
                  "--device", "cpu", *extra])
 
 
+def cached_loglikelihoods(cache_file):
+    """What lm-eval computed for each (question, choice), read back from its request cache."""
+    from lm_eval.api.model import hash_args
+    from sqlitedict import SqliteDict
+
+    with SqliteDict(cache_file, flag="r") as cache:
+        return [[cache[hash_args("loglikelihood", (f"Question: {question}\nAnswer:", " " + choice))][0]
+                 for choice in choices] for question, choices, _ in QUESTIONS]
+
+
+def flat(rows):
+    return [value for row in rows for value in row]
+
+
 def check_against_oracle(summary, expected, margin):
     assert margin > 1e-4, "the questions must not leave a near-tie for float order to decide"
     for metric, (value, stderr) in expected.items():
@@ -73,7 +87,9 @@ def test_tiny_model_accuracy_equals_transformers_and_shots_are_per_task(tiny_hf,
     assert evaluate(tiny_hf, quiz_tasks, output, "--tasks", "quiz,quiz_again", "--num-fewshot", "quiz_again=2",
                     "--batch-size", "4") == 0
     summary = json.loads(output.read_text())
-    expected, margin = oracle(tiny_hf)
+    scores = choice_loglikelihoods(tiny_hf)
+    assert flat(cached_loglikelihoods(summary["request_cache"])) == pytest.approx(flat(scores), abs=1e-4)
+    expected, margin = oracle(tiny_hf, scores)
     check_against_oracle(summary["tasks"]["quiz"], expected, margin)
     # Tasks of different shot counts run in separate lm-eval calls; each records what it used.
     quiz, again = summary["tasks"]["quiz"], summary["tasks"]["quiz_again"]
@@ -92,7 +108,9 @@ def test_smollm2_accuracy_equals_transformers_and_a_rerun_asks_the_model_nothing
     output = tmp_path / "board.json"
     assert evaluate(smollm2_hf, quiz_tasks, output, "--tasks", "quiz", "--num-fewshot", "0", "--batch-size", "8") == 0
     summary = json.loads(output.read_text())
-    expected, margin = oracle(smollm2_hf)
+    scores = choice_loglikelihoods(smollm2_hf)
+    assert flat(cached_loglikelihoods(summary["request_cache"])) == pytest.approx(flat(scores), abs=1e-4)
+    expected, margin = oracle(smollm2_hf, scores)
     check_against_oracle(summary["tasks"]["quiz"], expected, margin)
     assert expected["acc"][0] >= 0.5  # a pretrained model knows most of these: the task is read as written
     assert os.path.isfile(summary["request_cache"])
