@@ -6,13 +6,27 @@
   symnoise-evaluate alpacaeval --model-outputs runs/x/outputs.json --annotator alpaca_eval_gpt4 \\
       --output runs/x/alpacaeval_gpt4.json
 
-leaderboard: ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA-MC2 0-shot
-by default (the set NEFTune and SymNoise report), each task's leaderboard metric with its
-standard error, shots and sample count in --output, lm-eval's own results in
-OUTPUT.lm_eval.json. Resumable: lm-eval's request cache (OUTPUT.lm_eval_cache/) holds every
-answered request, per model.
+leaderboard and alpacaeval each explain themselves: symnoise-evaluate leaderboard --help.
+"""
 
-alpacaeval: the win rate against text-davinci-003's AlpacaEval answers (the paper's
+import argparse
+
+from symnoise_megatron.commands.errors import exits_on_user_error
+from symnoise_megatron.evaluation.alpacaeval import (DEFAULT_ANNOTATOR, DEFAULT_REFERENCE, AlpacaEvalConfig,
+                                                     evaluate_outputs)
+from symnoise_megatron.evaluation.leaderboard import (DTYPES, OPEN_LLM_LEADERBOARD_V1, LeaderboardConfig, parse_tasks,
+                                                      run_leaderboard)
+
+LEADERBOARD_HELP = """The Open LLM Leaderboard tasks on a Hugging Face checkpoint through lm-evaluation-harness.
+
+ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA-MC2 0-shot by default
+(the set NEFTune and SymNoise report), each task's leaderboard metric with its standard
+error, shots and sample count in --output, lm-eval's own results in OUTPUT.lm_eval.json. Resumable: lm-eval's request cache (OUTPUT.lm_eval_cache/) holds every
+answered request, per model.
+"""
+ALPACAEVAL_HELP = """AlpacaEval win rate of one outputs file through alpaca-eval.
+
+The win rate against text-davinci-003's AlpacaEval answers (the paper's
 reference; --reference-outputs for another), judged by any of alpaca-eval's evaluator
 configs or a config directory of your own (a local judge: fn_completions
 huggingface_local_completions). Writes win rate, standard error, length-controlled win rate
@@ -21,14 +35,6 @@ OUTPUT.annotations.json; alpaca-eval's annotation cache (alpaca_eval_cache/ besi
 makes a rerun free. Refused before anything is judged or written: an annotator that cannot
 load, a missing API key, answers whose instructions do not match the reference.
 """
-
-import argparse
-
-from symnoise_megatron.commands.errors import exits_on_user_error
-from symnoise_megatron.evaluation.alpacaeval import DEFAULT_ANNOTATOR, DEFAULT_REFERENCE, AlpacaEvalConfig, evaluate_outputs
-from symnoise_megatron.evaluation.leaderboard import (DTYPES, OPEN_LLM_LEADERBOARD_V1, LeaderboardConfig, parse_tasks,
-                                                      run_leaderboard)
-
 LEADERBOARD_DEFAULT = ", ".join(f"{task} {shots}-shot" for task, shots in OPEN_LLM_LEADERBOARD_V1.items())
 
 
@@ -41,7 +47,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    board = commands.add_parser("leaderboard", help="lm-evaluation-harness tasks on an HF checkpoint (Figure 1)")
+    board = commands.add_parser("leaderboard", help="lm-evaluation-harness tasks on an HF checkpoint (Figure 1)",
+                                description=LEADERBOARD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     board.add_argument("--hf-dir", required=True, help="a Hugging Face checkpoint (symnoise-convert megatron-to-hf)")
     board.add_argument("--output", required=True, help="the summary JSON (lm-eval's results: OUTPUT.lm_eval.json)")
     board.add_argument("--tasks", help=f"comma-separated lm-eval tasks or groups (default: {LEADERBOARD_DEFAULT})")
@@ -54,7 +61,8 @@ def parse_args(argv=None):
     board.add_argument("--include-path", help="a folder of task YAMLs (local data sets, clusters without hub access)")
     board.add_argument("--cache", help="lm-eval's request-cache prefix (default: OUTPUT.lm_eval_cache/requests_MODELID)")
 
-    judge = commands.add_parser("alpacaeval", help="AlpacaEval win rate of an outputs file (Tables 1-3)")
+    judge = commands.add_parser("alpacaeval", help="AlpacaEval win rate of an outputs file (Tables 1-3)",
+                                description=ALPACAEVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     judge.add_argument("--model-outputs", required=True, help="symnoise-generate's AlpacaEval model-outputs JSON")
     judge.add_argument("--output", required=True, help="the results JSON (annotations: OUTPUT.annotations.json)")
     judge.add_argument("--reference-outputs",

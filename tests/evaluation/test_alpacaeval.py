@@ -173,3 +173,20 @@ def test_the_default_reference_unreachable_is_one_line(outputs, tmp_path, capsys
     code = evaluate(outputs[0], tmp_path / "out" / "r.json", "--annotator", "chatgpt")
     refused(capsys, tmp_path, code, "the default reference outputs (tatsu-lab/alpaca_eval:alpaca_eval.json",
             "--reference-outputs FILE")
+
+
+def test_the_length_controlled_win_rate_needs_all_805_instructions_and_says_why_not(tmp_path, monkeypatch):
+    import huggingface_hub
+    import pandas as pd
+
+    from symnoise_megatron.evaluation.alpacaeval import length_controlled
+
+    rows = [{"instruction": str(i), "output_1": "a" * (i % 7 + 1), "output_2": "b" * (i % 5 + 1),
+             "generator_1": "reference", "generator_2": "model", "preference": 1.0 + i % 2} for i in range(805)]
+    assert length_controlled(pd.DataFrame(rows[:4]), 4) == (
+        None, None, "needs all 805 AlpacaEval instructions (its GLM uses each one's difficulty), 4 judged")
+    # Over all 805, alpaca-eval's GLM reads the instructions' difficulty from the hub: offline, it says so.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    value, error, note = length_controlled(pd.DataFrame(rows), 805)
+    assert value is None and error is None and note.startswith("alpaca-eval's GLM failed (")
