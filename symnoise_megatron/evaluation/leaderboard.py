@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -220,7 +221,12 @@ def run_leaderboard(config: LeaderboardConfig, log=print) -> dict:
     batch_size = config.batch_size or ("auto" if device.startswith("cuda") else "8")
     cache = config.cache or os.path.join(_stem(config.output) + ".lm_eval_cache",
                                          "requests_" + model_identity(config.hf_dir, dtype))
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    cache_folder = os.path.dirname(os.path.abspath(cache))
+    created = cache_folder  # the outermost folder this run makes: removed if it ends before any answer
+    while not os.path.isdir(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.isdir(created) else created
+    os.makedirs(cache_folder, exist_ok=True)
     model = HFLM(pretrained=config.hf_dir, dtype=dtype, batch_size=batch_size, device=device)
     by_shots: Dict[Optional[int], List[str]] = {}
     for name, shots in config.tasks.items():
@@ -228,9 +234,16 @@ def run_leaderboard(config: LeaderboardConfig, log=print) -> dict:
     raw: dict = {}
     for shots, names in by_shots.items():
         log(f"lm-eval: {', '.join(names)} at {'the task default' if shots is None else shots} shots on {config.hf_dir}")
-        result = lm_eval.evaluator.simple_evaluate(
-            model=model, tasks=names, num_fewshot=shots, limit=config.limit, use_cache=cache,
-            task_manager=manager, log_samples=False, batch_size=batch_size, device=device)
+        try:
+            result = lm_eval.evaluator.simple_evaluate(
+                model=model, tasks=names, num_fewshot=shots, limit=config.limit, use_cache=cache,
+                task_manager=manager, log_samples=False, batch_size=batch_size, device=device)
+        except ConnectionError as error:  # a task's data set on the hub, without hub access
+            if created and not raw:
+                shutil.rmtree(created, ignore_errors=True)
+            raise ValueError(f"--tasks {','.join(names)}: lm-eval could not load the data ({error}); without hub "
+                             "access, fill HF_HOME on a machine with it and set HF_DATASETS_OFFLINE=1, or keep "
+                             "task YAMLs over local files (--include-path)") from None
         _merge(raw, result)
     summary = summarize(raw, config.tasks, {
         "model": config.hf_dir, "dtype": dtype, "device": device, "batch_size": batch_size, "limit": config.limit,

@@ -153,3 +153,20 @@ def test_refusals_are_one_line_and_write_nothing(tiny_hf, quiz_tasks, tmp_path, 
 def test_a_folder_that_is_no_checkpoint_is_refused(quiz_tasks, tmp_path, capsys):
     assert evaluate(str(tmp_path), quiz_tasks, tmp_path / "board.json", "--tasks", "quiz") == 2
     assert "not a Hugging Face checkpoint (no config.json)" in capsys.readouterr().err
+
+
+def test_a_hub_task_without_hub_access_is_one_line_and_leaves_nothing(tiny_hf, quiz_tasks, tmp_path, capsys,
+                                                                      monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_datasets_cache")
+    output = tmp_path / "out" / "board.json"
+    assert evaluate(tiny_hf, quiz_tasks, output, "--tasks", "arc_challenge", "--limit", "2") == 2
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # after the model's loading bar: the run had begun
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert error.startswith("error: --tasks arc_challenge: lm-eval could not load the data")
+    assert "HF_DATASETS_OFFLINE=1" in error and not (tmp_path / "out").exists()
