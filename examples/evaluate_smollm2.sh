@@ -59,7 +59,7 @@ for setting in none:0 uniform:5 symmetric:5; do
   folder="$run/folders/$name.seed$SEED"
   folders+=(--run-dir "$folder")
   mkdir -p "$folder"
-  printf '{"dataset": "alpaca", "model": "SmolLM2-135M-Instruct", "noise": {"kind": "%s", "alpha": %s}, "seed": %s}\n' \
+  printf '{"dataset": "bundled + AlpacaEval train split", "model": "SmolLM2-135M-Instruct", "noise": {"kind": "%s", "alpha": %s}, "seed": %s}\n' \
       "$kind" "$alpha" "$SEED" > "$folder/run.json"
   checkpoint="$run/checkpoints/$name.seed$SEED" exported="$run/hf/$name.seed$SEED"
   if [ ! -f "$folder/outputs.json" ] || [ ! -f "$folder/leaderboard.json" ]; then
