@@ -23,6 +23,7 @@ setup(
             "symnoise-generate = symnoise_megatron.commands.generate:main",
             "symnoise-metrics = symnoise_megatron.commands.metrics:main",
             "symnoise-compare = symnoise_megatron.commands.compare:main",
+            "symnoise-evaluate = symnoise_megatron.commands.evaluate:main",
             "symnoise-split = symnoise_megatron.commands.split:main",
             "symnoise-plan = symnoise_megatron.commands.plan:main",
             "symnoise-materialize = symnoise_megatron.commands.materialize:main",
@@ -47,7 +48,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45", "tokenizers", "tensorboard", "matplotlib"],
-        "eval": ["transformers>=4.45", "matplotlib"],
+        # Generation, plots, and the paper's evaluation on the harnesses made for it: lm-eval (the Open
+        # LLM Leaderboard tasks) and alpaca-eval (win rates). alpaca-eval is pinned: its import and its
+        # local decoder need the shims in evaluation/alpaca_eval_import.py, written for 0.6.6 (its last
+        # release); its local decoder imports peft. Neither replaces torch or transformers.
+        "eval": ["transformers>=4.45", "matplotlib", "lm-eval>=0.4.13,<0.5", "alpaca-eval==0.6.6", "peft"],
         "tensorboard": ["tensorboard"],
         # The range megatron-core 0.16.1 itself declares for Transformer Engine.
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],

@@ -7,7 +7,7 @@ import pytest
 
 ALIASES = {
     "tools.preprocess_data": "preprocess", "tools.convert_checkpoint": "convert", "tools.verify_checkpoint": "verify",
-    "tools.generate": "generate", "tools.text_metrics": "metrics", "tools.compare_runs": "compare",
+    "tools.generate": "generate", "tools.evaluate": "evaluate", "tools.text_metrics": "metrics", "tools.compare_runs": "compare",
     "tools.split_records": "split", "tools.plan_layout": "plan", "tools.materialize_model": "materialize",
     "tools.inspect_path": "inspect_path",
     "symnoise_megatron.finetune": "finetune",

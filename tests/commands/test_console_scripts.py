@@ -20,8 +20,8 @@ pytestmark = pytest.mark.distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMANDS = ["symnoise-preprocess", "symnoise-finetune", "symnoise-convert", "symnoise-verify", "symnoise-generate",
-            "symnoise-metrics", "symnoise-compare", "symnoise-split", "symnoise-plan", "symnoise-materialize",
-            "symnoise-inspect"]
+            "symnoise-evaluate", "symnoise-metrics", "symnoise-compare", "symnoise-split", "symnoise-plan",
+            "symnoise-materialize", "symnoise-inspect"]
 
 
 def run(command, **kwargs):
