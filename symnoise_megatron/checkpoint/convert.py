@@ -35,6 +35,8 @@ from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_MEGATRON
 from symnoise_megatron.checkpoint.layouts import OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
 from symnoise_megatron.checkpoint.hf_export import ExportPlan, write_weights
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, copy_files
+from symnoise_megatron.checkpoint.serving_files import write_serving_files
+from symnoise_megatron.data.templates import get_template
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
 TOKENIZER_FILES = (
@@ -225,8 +227,12 @@ def model_config_of(checkpoint_root: str) -> ModelConfig:
 
 
 def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
-                   overwrite: bool = False) -> ModelConfig:
+                   overwrite: bool = False, prompt_template: Optional[str] = None) -> ModelConfig:
     """Write the latest checkpoint under ``load_dir`` as an HF directory at ``save_dir``.
+
+    ``prompt_template`` (default: the one the checkpoint records, a fine-tune's training data's)
+    becomes the tokenizer's chat template, with NEFTune's decoding as generation_config.json
+    (``serving_files``); without either, the base model's files are kept as they were.
 
     All ranks of the process group (torchrun) share the work: each streams its share of the
     layers into the shards (``hf_export``). ``save_dir`` must be new or empty; ``overwrite``
@@ -239,6 +245,9 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
     check_target(save_dir, load_dir, overwrite)
     info = paths.read_info(load_dir)
     model = ModelConfig(**info["model"])
+    template = prompt_template or info.get("prompt_template")
+    if template is not None:
+        get_template(template)  # an unknown name is refused before any work
     checkpoint_dir = paths.latest_checkpoint_dir(load_dir)
     metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
     plan = ExportPlan(model, metadata, checkpoint_dir, max_shard_bytes)
@@ -256,6 +265,8 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
         write_weights(plan, checkpoint_dir, load_dir, staging, progress)
         if first:
             _write_hf_files(load_dir, staging, info, model, metadata)
+            if template is not None:
+                write_serving_files(staging, template)
             _move_into_place(staging, target)
         dist.barrier()
     finally:
