@@ -246,8 +246,13 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
     info = paths.read_info(load_dir)
     model = ModelConfig(**info["model"])
     template = prompt_template or info.get("prompt_template")
-    if template is not None:
-        get_template(template)  # an unknown name is refused before any work
+    if template is not None:  # refused before any work: an unknown name, or no tokenizer to take it
+        get_template(template)
+        assets = os.path.join(load_dir, paths.HF_ASSETS)
+        if not any(os.path.exists(os.path.join(assets, name)) for name in ("tokenizer.json", "tokenizer.model")):
+            raise ValueError(f"{load_dir} keeps no tokenizer (no tokenizer.json or tokenizer.model in {assets}), so the "
+                             f"{template} chat template and its stop tokens cannot be exported: copy the base model's "
+                             "tokenizer files there")
     checkpoint_dir = paths.latest_checkpoint_dir(load_dir)
     metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
     plan = ExportPlan(model, metadata, checkpoint_dir, max_shard_bytes)

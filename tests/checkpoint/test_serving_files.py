@@ -115,3 +115,51 @@ def test_the_generation_config_is_neftunes_decoding_with_the_templates_stop_ids(
     tokenizer = AutoTokenizer.from_pretrained(chatml)
     assert GenerationConfig.from_pretrained(chatml).eos_token_id == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert not os.path.exists(os.path.join(chatml, "chat_template.jinja"))  # SmolLM2's own would win over ours
+
+
+def convert_and_export(hf_dir, megatron_dir, exports):
+    from symnoise_megatron.checkpoint import paths
+    from symnoise_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
+
+    hf_to_megatron(hf_dir, megatron_dir, progress=False)
+    info = paths.read_info(megatron_dir)
+    paths.write_info(megatron_dir, dict(info, prompt_template="alpaca"))  # as a fine-tune on Alpaca data records it
+    megatron_to_hf(megatron_dir, exports["recorded"], progress=False)
+    megatron_to_hf(megatron_dir, exports["asked"], progress=False, prompt_template="vicuna_v1.1")
+    shutil.rmtree(os.path.join(megatron_dir, paths.HF_ASSETS))
+    try:
+        megatron_to_hf(megatron_dir, exports["no tokenizer"], progress=False)
+    except ValueError as error:
+        return str(error)
+
+
+@pytest.mark.distributed
+def test_megatron_to_hf_exports_the_recorded_template_and_decodes_as_neftune(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from symnoise_megatron.evaluation.generate import Decoding, Generator
+    from tests.distributed import run_distributed
+    from tools.make_tiny_llama import main as make_tiny
+
+    make_tiny(["--save-dir", str(tmp_path / "hf"), "--hidden-size", "64", "--num-layers", "2"])
+    exports = {name: str(tmp_path / name.replace(" ", "_")) for name in ("recorded", "asked", "no tokenizer")}
+    [refusal] = run_distributed(convert_and_export, 1, str(tmp_path / "hf"), str(tmp_path / "mg"), exports)
+    assert refusal.startswith(f"{tmp_path / 'mg'} keeps no tokenizer") and not os.path.exists(exports["no tokenizer"])
+    for name, template in (("recorded", "alpaca"), ("asked", "vicuna_v1.1")):
+        tokenizer = AutoTokenizer.from_pretrained(exports[name])
+        text = tokenizer.apply_chat_template(chat(ONE), tokenize=False, add_generation_prompt=True)
+        assert text == project_text(template, ONE, bos=tokenizer.bos_token)
+    with open(tmp_path / "hf" / "generation_config.json") as original, open(os.path.join(exports["recorded"], BASE_GENERATION_CONFIG)) as kept:
+        assert json.load(kept) == json.load(original)
+    # transformers' generate with the exported defaults answers as symnoise-generate with NEFTune's settings.
+    model = AutoModelForCausalLM.from_pretrained(exports["recorded"], dtype=torch.float32)
+    generator = Generator(exports["recorded"])
+    prompts = [generator.prompt_ids(q) for q in ("What is the capital of France?", "Name a colour.")]
+    expected = generator.answer_ids(prompts, Decoding(max_new_tokens=12, repetition_penalty=1.2))
+    for ids, answer in zip(prompts, expected):
+        with torch.no_grad():
+            output = model.generate(torch.tensor([ids]), max_new_tokens=12)[0, len(ids):].tolist()
+        assert generator.until_stop(output) == answer
+    plain = generator.answer_ids(prompts, Decoding(max_new_tokens=12))
+    assert plain != expected  # the penalty is in the defaults: without it, other answers

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.distributed import run_distributed
 
@@ -124,6 +125,53 @@ def test_batched_greedy_answers_equal_batch_one_and_come_back_in_prompt_order(ch
     plain = generate_file(generator, str(prompts), str(tmp_path / "plain.json"), "m", batch_size=3, max_new_tokens=10,
                           progress=False)
     assert [r["output"] for r in plain] != [r["output"] for r in one]
+
+
+EOS_PROMPTS = [p["instruction"] for p in MORE_PROMPTS] + [
+    "List three fruits.", "Translate hello to French.", "Explain gravity in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def early_eos_model(tmp_path_factory):
+    """A tiny LLaMA that ends its answers early: the EOS row of its output layer is 1.05 times the
+    row of a token its greedy answers (penalty 1.2) take a few steps in, so EOS wins there by a
+    margin that a 1.2 penalty on EOS would undo."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from symnoise_megatron.evaluation.generate import Decoding, Generator
+    from tools.make_tiny_llama import main as make_tiny
+
+    directory = str(tmp_path_factory.mktemp("early_eos") / "hf")
+    make_tiny(["--save-dir", directory, "--hidden-size", "64", "--num-layers", "2"])
+    generator = Generator(directory)
+    answers = generator.answer_ids([generator.prompt_ids(q) for q in EOS_PROMPTS], Decoding(16, repetition_penalty=1.2))
+    first = {answer[0] for answer in answers}
+    later = Counter(token for answer in answers for token in set(answer[2:8]) if token not in first)
+    token = later.most_common(1)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[generator.tokenizer.eos_id] = 1.05 * model.lm_head.weight[token]
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_padded_rows_stop_where_batch_one_stops_under_the_repetition_penalty(early_eos_model):
+    from symnoise_megatron.evaluation.generate import Decoding, Generator
+
+    generator = Generator(early_eos_model)
+    prompts = [generator.prompt_ids(q) for q in EOS_PROMPTS]
+    decoding = Decoding(16, repetition_penalty=1.2)
+    one = generator.answer_ids(prompts, decoding, batch_size=1)
+    stopped = [i for i, answer in enumerate(one) if len(answer) < 16]
+    assert len(stopped) >= 3 and any(len(answer) == 16 for answer in one)  # EOS early, and not everywhere
+    for batch_size in (3, len(prompts)):
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        padded = {i for batch in batches for i in batch if len(prompts[i]) < max(len(prompts[j]) for j in batch)}
+        assert padded & set(stopped)  # rows whose prompts were padded with EOS do stop early
+        assert generator.answer_ids(prompts, decoding, batch_size=batch_size) == one
 
 
 def test_an_interrupted_batched_run_keeps_a_prefix_and_resumes(checkpoints, tmp_path):
