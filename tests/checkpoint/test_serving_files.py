@@ -113,8 +113,19 @@ def test_the_generation_config_is_neftunes_decoding_with_the_templates_stop_ids(
     # ChatML ends a response with <|im_end|>, not EOS; SmolLM2's EOS is <|im_end|> itself.
     chatml = exported(tokenizer_dirs, "smollm2", "chatml", tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(chatml)
-    assert GenerationConfig.from_pretrained(chatml).eos_token_id == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(chatml).eos_token_id == [im_end]
     assert not os.path.exists(os.path.join(chatml, "chat_template.jinja"))  # SmolLM2's own would win over ours
+    # A tokenizer whose EOS is another token stops at both.
+    other_eos = str(tmp_path / "other_eos")
+    shutil.copytree(tokenizer_dirs["smollm2"], other_eos)
+    with open(os.path.join(other_eos, "tokenizer_config.json")) as handle:
+        config = json.load(handle)
+    with open(os.path.join(other_eos, "tokenizer_config.json"), "w") as handle:
+        json.dump(dict(config, eos_token="<|endoftext|>"), handle)
+    write_serving_files(other_eos, "chatml")
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert endoftext != im_end and GenerationConfig.from_pretrained(other_eos).eos_token_id == [endoftext, im_end]
 
 
 def convert_and_export(hf_dir, megatron_dir, exports):

@@ -76,7 +76,8 @@ def run(model, workdir, ranks_list, keep, smallest=False):
     for ranks in ranks_list:
         seconds, peaks, identical = export(hf_dir, megatron_dir, os.path.join(workdir, f"hf_out_{ranks}"), ranks, keep)
         # The same export of the smallest model: torchrun's start, the imports, the metadata (the part that does not grow with the model).
-        start_up = None if smallest else export(*small_model(workdir), ranks, keep=False)[0]
+        start_up = None if smallest else export(*small_model(workdir), os.path.join(workdir, "smallest", "out"), ranks,
+                                                keep=False)[0]
         rows.append(dict(ranks=ranks, seconds=seconds, start_up=start_up, peak=max(peaks), identical=identical))
         print(f"ranks {ranks}: {seconds:.1f} s wall" + (f" ({start_up:.1f} s of it start-up, from the smallest model)"
                                                         if start_up is not None else "")
