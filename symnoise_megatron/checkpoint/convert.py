@@ -35,8 +35,7 @@ from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_MEGATRON
 from symnoise_megatron.checkpoint.layouts import OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
 from symnoise_megatron.checkpoint.hf_export import ExportPlan, write_weights
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, copy_files
-from symnoise_megatron.checkpoint.serving_files import write_serving_files
-from symnoise_megatron.data.templates import get_template
+from symnoise_megatron.checkpoint.serving_files import template_to_export, write_serving_files
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
 TOKENIZER_FILES = (
@@ -232,7 +231,8 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
 
     ``prompt_template`` (default: the one the checkpoint records, a fine-tune's training data's)
     becomes the tokenizer's chat template, with NEFTune's decoding as generation_config.json
-    (``serving_files``); without either, the base model's files are kept as they were.
+    (``serving_files``); without either, or without a kept tokenizer, the base model's files
+    are kept as they were (``template_to_export`` says why).
 
     All ranks of the process group (torchrun) share the work: each streams its share of the
     layers into the shards (``hf_export``). ``save_dir`` must be new or empty; ``overwrite``
@@ -245,14 +245,7 @@ def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**3
     check_target(save_dir, load_dir, overwrite)
     info = paths.read_info(load_dir)
     model = ModelConfig(**info["model"])
-    template = prompt_template or info.get("prompt_template")
-    if template is not None:  # refused before any work: an unknown name, or no tokenizer to take it
-        get_template(template)
-        assets = os.path.join(load_dir, paths.HF_ASSETS)
-        if not any(os.path.exists(os.path.join(assets, name)) for name in ("tokenizer.json", "tokenizer.model")):
-            raise ValueError(f"{load_dir} keeps no tokenizer (no tokenizer.json or tokenizer.model in {assets}), so the "
-                             f"{template} chat template and its stop tokens cannot be exported: copy the base model's "
-                             "tokenizer files there")
+    template, _ = template_to_export(load_dir, prompt_template)  # before any work: a bad request is refused
     checkpoint_dir = paths.latest_checkpoint_dir(load_dir)
     metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
     plan = ExportPlan(model, metadata, checkpoint_dir, max_shard_bytes)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
+from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.data.templates import CHAT_TEMPLATES, get_template, stop_ids
 from symnoise_megatron.data.tokenizer import TokenizerSpec
 
@@ -47,6 +48,25 @@ def _write_json(path: str, value: dict) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(value, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+
+
+def template_to_export(load_dir: str, requested: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """The prompt template an export of checkpoint ``load_dir`` carries (``requested``, else the
+    one the checkpoint records), or None and the note that says why it carries none. A
+    requested template that no kept tokenizer can take is refused."""
+    template = requested or paths.read_info(load_dir).get("prompt_template")
+    if template is None:
+        return None, (f"{load_dir} records no training prompt template: the export keeps the base model's chat template "
+                      "and generation config (pass --prompt-template to export one)")
+    get_template(template)
+    assets = os.path.join(load_dir, paths.HF_ASSETS)
+    if not any(os.path.exists(os.path.join(assets, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        why = (f"{load_dir} keeps no tokenizer (no tokenizer.json or tokenizer.model in {assets}), so its {template} chat "
+               "template and stop tokens cannot be written")
+        if requested:
+            raise ValueError(f"{why}: copy the base model's tokenizer files there")
+        return None, f"{why}: the export has neither (copy the base model's tokenizer files there to have them)"
+    return template, None
 
 
 def write_serving_files(directory: str, template_name: str) -> None:

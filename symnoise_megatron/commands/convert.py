@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from symnoise_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
-from symnoise_megatron.checkpoint.paths import read_info
+from symnoise_megatron.checkpoint.serving_files import template_to_export
 from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.data.templates import TEMPLATES
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
@@ -76,8 +76,9 @@ def main(argv=None):
                                    prompt_template=args.prompt_template)
         if dist.get_rank() != 0:  # torchrun: one report
             return 0
-    if args.direction == "megatron-to-hf" and not (args.prompt_template or read_info(args.load_dir).get("prompt_template")):
-        print(f"note: {args.load_dir} records no training prompt template: {args.save_dir} keeps the base model's chat "
-              "template and generation config (pass --prompt-template to export one)", file=sys.stderr)
+    if args.direction == "megatron-to-hf":
+        _, note = template_to_export(args.load_dir, args.prompt_template)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     print(f"converted {model.architecture} ({model.num_layers} layers, hidden {model.hidden_size}) to {args.save_dir}")
     return 0

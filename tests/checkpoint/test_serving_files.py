@@ -129,8 +129,12 @@ def test_the_generation_config_is_neftunes_decoding_with_the_templates_stop_ids(
 
 
 def convert_and_export(hf_dir, megatron_dir, exports):
+    import contextlib
+    import io
+
     from symnoise_megatron.checkpoint import paths
     from symnoise_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from symnoise_megatron.commands.convert import main as convert_command
 
     hf_to_megatron(hf_dir, megatron_dir, progress=False)
     info = paths.read_info(megatron_dir)
@@ -138,10 +142,14 @@ def convert_and_export(hf_dir, megatron_dir, exports):
     megatron_to_hf(megatron_dir, exports["recorded"], progress=False)
     megatron_to_hf(megatron_dir, exports["asked"], progress=False, prompt_template="vicuna_v1.1")
     shutil.rmtree(os.path.join(megatron_dir, paths.HF_ASSETS))
-    try:
-        megatron_to_hf(megatron_dir, exports["no tokenizer"], progress=False)
-    except ValueError as error:
-        return str(error)
+    note = io.StringIO()
+    with contextlib.redirect_stderr(note):  # the recorded template is left out, and the command says so
+        assert convert_command(["megatron-to-hf", "--load-dir", megatron_dir, "--save-dir", exports["no tokenizer"],
+                                "--no-progress"]) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as error:
+        assert convert_command(["megatron-to-hf", "--load-dir", megatron_dir, "--save-dir", exports["no tokenizer, asked"],
+                                "--prompt-template", "alpaca"]) == 2
+    return note.getvalue(), error.getvalue()
 
 
 @pytest.mark.distributed
@@ -154,9 +162,16 @@ def test_megatron_to_hf_exports_the_recorded_template_and_decodes_as_neftune(tmp
     from tools.make_tiny_llama import main as make_tiny
 
     make_tiny(["--save-dir", str(tmp_path / "hf"), "--hidden-size", "64", "--num-layers", "2"])
-    exports = {name: str(tmp_path / name.replace(" ", "_")) for name in ("recorded", "asked", "no tokenizer")}
-    [refusal] = run_distributed(convert_and_export, 1, str(tmp_path / "hf"), str(tmp_path / "mg"), exports)
-    assert refusal.startswith(f"{tmp_path / 'mg'} keeps no tokenizer") and not os.path.exists(exports["no tokenizer"])
+    exports = {name: str(tmp_path / name.replace(" ", "_").replace(",", ""))
+               for name in ("recorded", "asked", "no tokenizer", "no tokenizer, asked")}
+    [(note, refusal)] = run_distributed(convert_and_export, 1, str(tmp_path / "hf"), str(tmp_path / "mg"), exports)
+    [note] = [line for line in note.splitlines() if line.startswith("note:")]  # (megatron-core's warnings beside it)
+    [refusal] = [line for line in refusal.splitlines() if line.startswith("error:")]
+    assert note.startswith(f"note: {tmp_path / 'mg'} keeps no tokenizer") and "alpaca chat template" in note
+    assert refusal.startswith(f"error: {tmp_path / 'mg'} keeps no tokenizer")
+    assert not os.path.exists(exports["no tokenizer, asked"])
+    assert "model.safetensors" in os.listdir(exports["no tokenizer"])
+    assert not os.path.exists(os.path.join(exports["no tokenizer"], BASE_GENERATION_CONFIG))
     for name, template in (("recorded", "alpaca"), ("asked", "vicuna_v1.1")):
         tokenizer = AutoTokenizer.from_pretrained(exports[name])
         text = tokenizer.apply_chat_template(chat(ONE), tokenize=False, add_generation_prompt=True)
