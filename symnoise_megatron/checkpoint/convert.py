@@ -7,7 +7,8 @@ checkpoint together. That checkpoint loads under any TP/PP. Memory per rank is w
 plus one tensor being read, so running it with more ranks (``torchrun --nproc-per-node N``)
 divides the memory of a 70B conversion.
 
-``megatron_to_hf`` reads the checkpoint one layer at a time and writes safetensors shards,
+``megatron_to_hf`` streams the checkpoint into safetensors shards (``hf_export``: one layer's
+tensor in memory at a time per process; under torchrun the ranks share the layers) and writes
 config.json, generation_config.json and the tokenizer files back.
 
 Neither writes into a folder that holds something else (``overwrite`` replaces its contents),
@@ -30,9 +31,11 @@ from tqdm import tqdm
 
 from symnoise_megatron.checkpoint import layouts, paths, provenance
 from symnoise_megatron.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
-from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_HF, TO_MEGATRON
+from symnoise_megatron.checkpoint.layouts import LAYER_PREFIX, TO_MEGATRON
 from symnoise_megatron.checkpoint.layouts import OPT_UNUSED_POSITIONS_FILE, OPT_UNUSED_POSITIONS_KEY
-from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, ShardedSafetensorsWriter, copy_files
+from symnoise_megatron.checkpoint.hf_export import ExportPlan, write_weights
+from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, copy_files
+from symnoise_megatron.checkpoint.serving_files import template_to_export, write_serving_files
 from symnoise_megatron.common.versions import software_versions
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
@@ -231,71 +234,55 @@ def _keep_opt_unused_positions(reader: HFCheckpointReader, assets: str, dtype: O
     save_file({OPT_UNUSED_POSITIONS_KEY: rows.contiguous()}, os.path.join(assets, OPT_UNUSED_POSITIONS_FILE))
 
 
-def _opt_unused_positions(load_dir: str, like: torch.Tensor, unused_rows: int) -> Optional[torch.Tensor]:
-    """The rows hf-to-megatron kept, or None (a model trained from scratch never had them)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = os.path.join(load_dir, paths.HF_ASSETS, OPT_UNUSED_POSITIONS_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        rows = load_file(path)[OPT_UNUSED_POSITIONS_KEY]
-    except (SafetensorError, KeyError) as error:
-        raise ValueError(f"{path}: cannot read OPT's unused position rows: {error}") from None
-    if tuple(rows.shape) != (unused_rows, like.shape[1]):
-        raise ValueError(f"{path}: OPT's unused position rows have shape {tuple(rows.shape)}, "
-                         f"the model needs ({unused_rows}, {like.shape[1]})")
-    return rows.to(like.dtype)
-
-
 def model_config_of(checkpoint_root: str) -> ModelConfig:
     return ModelConfig(**paths.read_info(checkpoint_root)["model"])
 
 
-def _load_full(metadata, checkpoint_dir):
-    """Whole tensors (layer tensors with their layer axis) for the given checkpoint keys.
-
-    A key is read whole: megatron-core's torch_dist reader cannot read one layer of a
-    stacked tensor when other layers exist, so peak memory is the largest stacked key.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    request = {
-        key: ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype), replica_id=0,
-                                             allow_shape_mismatch=not key.startswith(LAYER_PREFIX))
-        for key, meta in metadata.items()
-    }
-    return dist_checkpointing.load(request, checkpoint_dir)
-
-
 def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
-                   overwrite: bool = False) -> ModelConfig:
+                   overwrite: bool = False, prompt_template: Optional[str] = None) -> ModelConfig:
     """Write the latest checkpoint under ``load_dir`` as an HF directory at ``save_dir``.
 
-    ``save_dir`` must be new or empty; ``overwrite`` replaces everything in it. The directory
-    is written beside ``save_dir`` and moved into place when complete, so an interrupted run
-    leaves the old contents (or nothing), never a mix.
+    ``prompt_template`` (default: the one the checkpoint records, a fine-tune's training data's)
+    becomes the tokenizer's chat template, with NEFTune's decoding as generation_config.json
+    (``serving_files``); without either, or without a kept tokenizer, the base model's files
+    are kept as they were (``template_to_export`` says why).
+
+    All ranks of the process group (torchrun) share the work: each streams its share of the
+    layers into the shards (``hf_export``). ``save_dir`` must be new or empty; ``overwrite``
+    replaces everything in it. The directory is written beside ``save_dir`` and moved into
+    place when complete, so an interrupted run leaves the old contents (or nothing), never a mix.
     """
     from megatron.core import dist_checkpointing
 
+    # Every rank checks (they read the same files), so a refusal ends them all alike.
     check_target(save_dir, load_dir, overwrite)
     info = paths.read_info(load_dir)
     model = ModelConfig(**info["model"])
+    template, _ = template_to_export(load_dir, prompt_template)  # before any work: a bad request is refused
     checkpoint_dir = paths.latest_checkpoint_dir(load_dir)
-    _ensure_process_group()
-    if dist.get_world_size() > 1:
-        raise ValueError("megatron-to-hf runs in one process (every rank would write the same files): run it without torchrun")
     metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
+    plan = ExportPlan(model, metadata, checkpoint_dir, max_shard_bytes)
+    _ensure_process_group()
+    first = dist.get_rank() == 0
     target = os.path.realpath(save_dir)
-    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _write_hf(load_dir, checkpoint_dir, staging, info, model, metadata, max_shard_bytes, progress)
-        _move_into_place(staging, target)
-    finally:
+    # Rank 0's name for the folder being written, shared with the others.
+    staging = [os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{os.getpid()}")]
+    dist.broadcast_object_list(staging, src=0)
+    staging = staging[0]
+    if first:
         shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    try:
+        write_weights(plan, checkpoint_dir, load_dir, staging, progress)
+        if first:
+            _write_hf_files(load_dir, staging, info, model, metadata)
+            if template is not None:
+                write_serving_files(staging, template)
+            _move_into_place(staging, target)
+        dist.barrier()
+    finally:
+        if first:
+            shutil.rmtree(staging, ignore_errors=True)
     return model
 
 
@@ -310,33 +297,8 @@ def _move_into_place(staging: str, target: str) -> None:
     shutil.rmtree(previous)
 
 
-def _write_hf(load_dir, checkpoint_dir, save_dir, info, model, metadata, max_shard_bytes, progress) -> None:
-    writer = ShardedSafetensorsWriter(save_dir, max_shard_bytes)
-
-    globals_ = {e.megatron: e for e in layouts.global_entries(model)}
-    missing = [key for key in globals_ if key not in metadata]
-    if missing:
-        raise ValueError(f"{checkpoint_dir}: missing tensors {missing}")
-    loaded = _load_full({k: metadata[k] for k in globals_}, checkpoint_dir)
-    for key, entry in globals_.items():
-        tensors = TO_HF[entry.transform](model, loaded[key])
-        if entry.transform == "positions":
-            kept = _opt_unused_positions(load_dir, tensors[0], model.traits.unused_position_rows)
-            if kept is not None:
-                tensors[0][:model.traits.unused_position_rows] = kept
-        writer.add(dict(zip(entry.hf, tensors)))
-    entries = layouts.layer_entries(model)
-    absent = [LAYER_PREFIX + e.megatron for e in entries if LAYER_PREFIX + e.megatron not in metadata]
-    if absent:
-        raise ValueError(f"{checkpoint_dir}: missing layer tensors {absent}")
-    for entry in tqdm(entries, desc="tensors", disable=not progress):
-        key = LAYER_PREFIX + entry.megatron
-        stacked = _load_full({key: metadata[key]}, checkpoint_dir)[key]
-        for layer in range(model.num_layers):
-            names = [name.format(i=layer) for name in entry.hf]
-            writer.add(dict(zip(names, TO_HF[entry.transform](model, stacked[layer]))))
-        del stacked
-    writer.close()
+def _write_hf_files(load_dir, save_dir, info, model, metadata) -> None:
+    """Beside the weights: config.json and the tokenizer and generation files kept at conversion."""
     with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as handle:
         config = hf_config_from_model(model, info.get("hf_config"))
         config["torch_dtype"] = config["dtype"] = str(metadata["embedding.word_embeddings.weight"].dtype).replace("torch.", "")

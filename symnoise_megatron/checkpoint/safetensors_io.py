@@ -1,14 +1,18 @@
-"""Lazy Hugging Face safetensors I/O: tensors are read one at a time, written shard by shard."""
+"""Lazy Hugging Face safetensors I/O: tensors are read one at a time, and written one at a time
+into shards whose layout is planned before any is read."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, Iterable, List
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -78,45 +82,151 @@ class HFCheckpointReader:
         return tensor
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors into ``model-0000i-of-0000n.safetensors`` files of at most ``max_shard_bytes``."""
+# safetensors' dtype codes, in the order its writer lays out a file's tensors: this order
+# first (its Rust ``Dtype`` enum, descending), then by name.
+DTYPE_CODES: Dict[torch.dtype, str] = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64", torch.float32: "F32",
+    torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16",
+    torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(DTYPE_CODES)}
+# A single write() moves at most about 2 GiB on Linux: larger tensors go in pieces.
+_WRITE_PIECE = 1 << 30
 
-    def __init__(self, directory: str, max_shard_bytes: int = 5 * 2**30):
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: List[List[str]] = []
-        self.total_bytes = 0
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _header(tensors: List[PlannedTensor], metadata: Dict[str, str]) -> Tuple[bytes, Dict[str, int]]:
+    """The header safetensors writes for ``tensors`` (its 8-byte length included) and where each
+    tensor's bytes start, counted from the file's start."""
+    ordered = sorted(tensors, key=lambda t: (_LAYOUT_ORDER[t.dtype], t.name))
+    entries, offset = {"__metadata__": metadata}, 0
+    for tensor in ordered:
+        entries[tensor.name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                                "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    head = struct.pack("<Q", len(text)) + text
+    starts, offset = {}, len(head)
+    for tensor in ordered:
+        starts[tensor.name] = offset
+        offset += tensor.nbytes
+    return head, starts
+
+
+class ShardedSafetensorsLayout:
+    """Where every tensor of a sharded safetensors checkpoint goes, decided from names, shapes
+    and dtypes before any tensor is read.
+
+    Tensors fill ``model-0000i-of-0000n.safetensors`` files in the order given, a new file when
+    the next tensor would take the current one past ``max_shard_bytes`` (a larger tensor gets a
+    file of its own); one file is ``model.safetensors``. Each file is byte for byte what
+    safetensors' ``save_file`` writes for the same tensors. safetensors itself writes a file
+    only from all of its tensors at once (its header precedes the data and names every
+    tensor's place); here :meth:`create` writes the headers and :meth:`writer` puts each
+    tensor's bytes at its place, in any order and from any process, so several ranks write one
+    checkpoint together and none holds more than what it is writing.
+    """
+
+    def __init__(self, tensors: List[PlannedTensor], max_shard_bytes: int = 5 * 2**30):
+        if sys.byteorder != "little":  # safetensors stores little-endian; tensors are written as they lie in memory
+            raise RuntimeError("writing safetensors needs a little-endian machine")
+        unknown = sorted({str(t.dtype) for t in tensors if t.dtype not in DTYPE_CODES})
+        if unknown:
+            raise ValueError(f"safetensors cannot store {', '.join(unknown)}")
+        self.tensors = {t.name: t for t in tensors}
+        if len(self.tensors) != len(tensors):
+            raise ValueError("a tensor name is planned twice")
+        groups: List[List[PlannedTensor]] = []
+        size = 0
+        for tensor in tensors:
+            if not groups or (groups[-1] and size + tensor.nbytes > max_shard_bytes):
+                groups.append([])
+                size = 0
+            groups[-1].append(tensor)
+            size += tensor.nbytes
+        count = len(groups)
+        self.filenames = [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.headers: List[bytes] = []
+        self.file_sizes: List[int] = []
+        self.places: Dict[str, Tuple[int, int]] = {}  # name -> (file index, first byte)
+        for index, group in enumerate(groups):
+            head, starts = _header(group, {"format": "pt"})
+            self.headers.append(head)
+            self.file_sizes.append(len(head) + sum(t.nbytes for t in group))
+            self.places.update({name: (index, start) for name, start in starts.items()})
+        self.total_bytes = sum(t.nbytes for t in tensors)
+
+    def create(self, directory: str) -> None:
+        """Every file with its header, at its full size (the data still zeros). One process."""
         os.makedirs(directory, exist_ok=True)
+        for filename, head, size in zip(self.filenames, self.headers, self.file_sizes):
+            with open(os.path.join(directory, filename), "wb") as handle:
+                handle.write(head)
+                handle.truncate(size)
 
-    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            size = tensor.numel() * tensor.element_size()
-            if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-                self._flush()
-            self.pending[name] = tensor.contiguous()
-            self.pending_bytes += size
-            self.total_bytes += size
+    def writer(self, directory: str) -> "ShardWriter":
+        return ShardWriter(self, directory)
 
-    def _flush(self) -> None:
-        index = len(self.shards)
-        save_file(self.pending, os.path.join(self.directory, f".shard-{index}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def write_index(self, directory: str) -> None:
+        """``model.safetensors.index.json`` for more than one file (what transformers writes)."""
+        if len(self.filenames) == 1:
+            return
+        weight_map = {name: self.filenames[index] for name, (index, _) in sorted(self.places.items())}
+        with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as handle:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, handle, indent=2)
+
+
+class ShardWriter:
+    """Writes tensors into the files a layout created, each at its place."""
+
+    def __init__(self, layout: ShardedSafetensorsLayout, directory: str):
+        self.layout = layout
+        self.directory = directory
+        self.handles: Dict[int, int] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.layout.tensors.get(name)
+        if planned is None:
+            raise KeyError(f"{name} is not a tensor of this checkpoint")
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise ValueError(f"{name}: got {str(tensor.dtype).replace('torch.', '')} {tuple(tensor.shape)}, the "
+                             f"checkpoint's tensor is {str(planned.dtype).replace('torch.', '')} {planned.shape}")
+        index, offset = self.layout.places[name]
+        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        handle = self._handle(index)
+        for piece in range(0, len(data), _WRITE_PIECE):
+            chunk = data[piece:piece + _WRITE_PIECE]
+            while len(chunk):
+                written = os.pwrite(handle, chunk, offset)
+                chunk, offset = chunk[written:], offset + written
+
+    def _handle(self, index: int) -> int:
+        if index not in self.handles:
+            self.handles[index] = os.open(os.path.join(self.directory, self.layout.filenames[index]), os.O_WRONLY)
+        return self.handles[index]
 
     def close(self) -> None:
-        if self.pending:
-            self._flush()
-        count = len(self.shards)
-        weight_map = {}
-        for index, names in enumerate(self.shards):
-            filename = SINGLE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(os.path.join(self.directory, f".shard-{index}.tmp"), os.path.join(self.directory, filename))
-            weight_map.update({name: filename for name in names})
-        if count > 1:
-            with open(os.path.join(self.directory, INDEX), "w", encoding="utf-8") as handle:
-                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, handle, indent=2)
+        for handle in self.handles.values():
+            os.close(handle)
+        self.handles = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def copy_files(source: str, target: str, names: Iterable[str]) -> List[str]:

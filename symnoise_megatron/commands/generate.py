@@ -5,18 +5,26 @@
   # NEFTune's evaluation protocol: greedy, repetition penalty 1.2
   symnoise-generate --hf-dir out-hf --prompts alpaca_eval.json --output outputs/x.json \\
       --max-new-tokens 1024 --repetition-penalty 1.2 --batch-size 16
+  # a 70B on one node of 8 GPUs
+  symnoise-generate --hf-dir out-hf-70b --engine vllm --tensor-parallel-size 8 --prompts alpaca_eval.json \\
+      --output outputs/x.json --max-new-tokens 1024 --repetition-penalty 1.2
 
 --prompts writes AlpacaEval's model-outputs JSON (instruction, output, generator, dataset),
 ready for ``alpaca_eval --model_outputs``, and resumes a partial output file. Beside it,
 OUTPUT.meta records the generator (model path, checkpoint iteration for a megatron
 directory, template, max new tokens, greedy or sampling with temperature, top-p and seed,
-repetition penalty); resuming with any of these changed is refused, naming what differs.
-A megatron checkpoint is converted to Hugging Face format on the fly (its latest iteration).
+repetition penalty, engine, dtype, and vLLM's tensor parallel size and max model length);
+resuming with any of these changed is refused, naming what differs. A megatron checkpoint is
+converted to Hugging Face format on the fly (its latest iteration) into --export-dir.
 
 Engines: transformers runs the model in eval mode (no noise is ever applied), --batch-size
-prompts at a time with left padding, sorted by length, written back in prompt order. vLLM
+prompts at a time with left padding, sorted by length, written back in prompt order; on GPUs
+its layers are spread over the visible GPUs (device_map=auto, needs accelerate). vLLM
 (--engine vllm; auto picks it when it is installed and a GPU is present) is a thin adapter
 for clusters: it batches by itself, --batch-size only sets how many prompts it gets at once.
+vLLM is an extra (pip install "symnoise-megatron[vllm]"): each vLLM release requires one
+exact torch version, so install it in an environment of its own (a generation job needs
+no training stack).
 """
 
 import argparse
@@ -25,10 +33,9 @@ import sys
 
 from symnoise_megatron.commands.errors import exits_on_user_error
 from symnoise_megatron.data.templates import TEMPLATES
-from symnoise_megatron.evaluation.generate import (ENGINES, Decoding, answered_rows, converted_to_hf, generate_file,
-                                                   generator_identity, make_generator, model_source, prompt_template_for,
-                                                   read_prompts,
-                                                   resolve_engine)
+from symnoise_megatron.evaluation.generate import (DTYPES, ENGINES, Decoding, EngineSettings, answered_rows,
+                                                   converted_to_hf, generate_file, generator_identity, make_generator,
+                                                   model_source, prompt_template_for, read_prompts, resolve_engine)
 
 
 def parse_args(argv=None):
@@ -58,6 +65,18 @@ def parse_args(argv=None):
                              "depend on the batch with transformers")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="auto (default): vllm when installed and a GPU is present, else transformers")
+    parser.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
+                        help="the weights' precision while answering (default auto: bf16 on GPUs, fp32 on CPU)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="vLLM: GPUs per model (default 1). A 70B in bf16 is 140 GB of weights: 8 on a node of "
+                             "80 GB GPUs (4 fit the weights but leave little for the KV cache)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="vLLM: the longest prompt plus answer in tokens (default: the model's "
+                             "max_position_embeddings); lower it to leave GPU memory for the KV cache")
+    parser.add_argument("--export-dir",
+                        help="with --megatron-dir: the folder that holds the temporary Hugging Face conversion "
+                             "(removed at the end; default: the system's temporary folder, $TMPDIR). It needs the "
+                             "model's size: about 140 GB for a 70B in bf16, more than many nodes' local /tmp")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.prompts and not args.output:
@@ -67,11 +86,15 @@ def parse_args(argv=None):
     return args
 
 
+def engine_settings(args) -> EngineSettings:
+    return EngineSettings(resolve_engine(args.engine), args.dtype, args.tensor_parallel_size, args.max_model_len)
+
+
 def run(args, hf_dir, source):
-    engine = resolve_engine(args.engine)
-    batch_size = args.batch_size or (256 if engine == "vllm" else 1)
+    settings = engine_settings(args)
+    batch_size = args.batch_size or (256 if settings.engine == "vllm" else 1)
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
-    generator = make_generator(hf_dir, args.prompt_template, args.seed, engine, source)
+    generator = make_generator(hf_dir, args.prompt_template, args.seed, settings, source)
     if args.instruction:
         answers = generator.answer(args.instruction, decoding.max_new_tokens, decoding.temperature, top_p=decoding.top_p,
                                    repetition_penalty=decoding.repetition_penalty, batch_size=batch_size)
@@ -92,18 +115,20 @@ def main(argv=None):
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    resolve_engine(args.engine)
+    settings = engine_settings(args)
+    if args.export_dir and not args.megatron_dir:
+        raise ValueError("--export-dir goes with --megatron-dir (an --hf-dir is read where it is)")
     source = model_source(args.hf_dir, args.megatron_dir)
     notes = []  # said once the run is known to go ahead: a refused run prints only its error
     args.prompt_template = prompt_template_for(args.prompt_template, args.megatron_dir, warn=notes.append)
     if args.prompts:  # the prompts and a partial output are checked before a model is loaded
-        identity = generator_identity(source, args.prompt_template, args.seed, decoding)
+        identity = generator_identity(source, args.prompt_template, args.seed, decoding, settings)
         answered_rows(args.output, read_prompts(args.prompts)[:args.limit], args.prompts, identity)
     for note in notes:
         print(note, file=sys.stderr)
     if args.hf_dir:
         run(args, args.hf_dir, source)
     else:
-        with converted_to_hf(args.megatron_dir, source) as hf_dir:
+        with converted_to_hf(args.megatron_dir, source, args.export_dir) as hf_dir:
             run(args, hf_dir, source)
     return 0

@@ -1,13 +1,15 @@
 """Greedy or sampled answers from a Hugging Face checkpoint, prompted as in training.
 
 Two engines answer the prompts: ``transformers`` (the model in eval mode, so no noise is ever
-applied; batched with left padding) and ``vllm``, a thin adapter for GPU clusters (the 805
-AlpacaEval prompts at 1,024 new tokens are hours with transformers at batch 1 on a 7B model).
+applied; batched with left padding; on GPUs in bf16 with its layers spread over the visible
+GPUs, ``device_map="auto"``) and ``vllm``, a thin adapter for GPU clusters (the 805 AlpacaEval
+prompts at 1,024 new tokens are hours with transformers at batch 1 on a 7B model; a 70B needs
+tensor parallelism, ``EngineSettings.tensor_parallel_size``).
 
 A model-outputs file is resumable, and it is written by one generator only: its identity
-(the model, the checkpoint iteration when it came from a megatron directory, the template
-and the decoding settings) is kept beside it in ``OUTPUT.meta``, and a resume with another
-identity is refused, naming the fields that differ.
+(the model, the checkpoint iteration when it came from a megatron directory, the template,
+the decoding settings, the engine and its settings) is kept beside it in ``OUTPUT.meta``, and
+a resume with another identity is refused, naming the fields that differ.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from symnoise_megatron.data.templates import Example, Turn, get_template
+from symnoise_megatron.data.templates import Example, Turn, get_template, stop_ids
 from symnoise_megatron.data.tokenizer import TokenizerSpec
 from symnoise_megatron.evaluation.records import meta_path, read_records, write_json, write_records
 
 ENGINES = ("auto", "transformers", "vllm")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_PROMPT_TEMPLATE = "alpaca"
 # Prompts sorted by length within windows of this many batches: long enough windows pad
 # little, short enough that an interrupted run loses little (answers are written in prompt
@@ -62,18 +65,66 @@ class Decoding:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the weights run. Part of the generator's identity: another dtype or another tensor
+    parallel layout sums in another order, and a greedy near-tie can flip.
+
+    Attributes:
+        engine: ``transformers`` or ``vllm`` (``resolve_engine`` picks one for ``auto``).
+        dtype: ``bf16``, ``fp16`` or ``fp32``; ``auto`` (default): bf16 on GPUs, fp32 on CPU.
+        tensor_parallel_size: vLLM's GPUs per model (default 1; a 70B in bf16 needs 4 x 80 GB,
+            8 with room for the KV cache). transformers spreads a model over the visible GPUs
+            by layers instead (``device_map="auto"``).
+        max_model_len: vLLM's longest prompt + answer in tokens (default: the model's
+            ``max_position_embeddings``); lower it to leave memory for the KV cache.
+    """
+
+    engine: str = "transformers"
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+
+    def __post_init__(self):
+        if self.engine not in ("transformers", "vllm"):
+            raise ValueError(f"unknown engine {self.engine!r}; use transformers or vllm (or resolve auto first)")
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bf16" if torch.cuda.is_available() else "fp32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be at least 1, got {self.max_model_len}")
+        if self.engine == "transformers" and (self.tensor_parallel_size > 1 or self.max_model_len is not None):
+            flag = "--tensor-parallel-size" if self.tensor_parallel_size > 1 else "--max-model-len"
+            raise ValueError(f"{flag} is vLLM's (--engine vllm); the transformers engine spreads a model over the "
+                             "visible GPUs by layers (device_map=auto) and takes no such setting")
+
+    def identity(self) -> Dict:
+        fields = {"engine": self.engine, "dtype": self.dtype}
+        if self.engine == "vllm":
+            fields.update(tensor_parallel_size=self.tensor_parallel_size, max_model_len=self.max_model_len)
+        return fields
+
+
 class _Engine:
     """What both engines share: the prompt's token ids and the answer's text."""
 
     engine = ""
 
-    def __init__(self, hf_dir: str, template: str, seed: int, source: Optional[dict]):
+    def __init__(self, hf_dir: str, template: str, seed: int, source: Optional[dict], settings: EngineSettings):
+        if settings.engine != self.engine:
+            raise ValueError(f"settings for the {settings.engine} engine given to the {self.engine} engine")
         self.tokenizer = TokenizerSpec(directory=hf_dir).load()
         self.template = get_template(template)
         self.seed = seed
         # Where the weights came from: the HF directory, or the megatron directory and its
         # iteration when ``hf_dir`` is a conversion made on the fly.
         self.source = source or model_source(hf_dir)
+        self.settings = settings
+        # What ends an answer: EOS, and the template's own end of response (ChatML's <|im_end|>).
+        self.stop_ids = stop_ids(self.template, self.tokenizer)
 
     def prompt_ids(self, instruction: str, context: str = "") -> List[int]:
         ids = self.tokenizer.encode([prompt_text(self.template.name, instruction, context)])[0]
@@ -81,12 +132,15 @@ class _Engine:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    def _until_eos(self, new_ids: List[int]) -> List[int]:
-        eos = self.tokenizer.eos_id
-        return new_ids[:new_ids.index(eos)] if eos in new_ids else new_ids
+    def until_stop(self, new_ids: List[int]) -> List[int]:
+        """``new_ids`` up to the first stop id."""
+        for index, token in enumerate(new_ids):
+            if token in self.stop_ids:
+                return new_ids[:index]
+        return new_ids
 
     def identity(self, decoding: Decoding) -> Dict:
-        return generator_identity(self.source, self.template.name, self.seed, decoding)
+        return generator_identity(self.source, self.template.name, self.seed, decoding, self.settings)
 
 
 def prompt_template_for(requested: Optional[str], megatron_dir: Optional[str], warn) -> str:
@@ -117,14 +171,18 @@ def model_source(hf_dir: Optional[str] = None, megatron_dir: Optional[str] = Non
 
 
 @contextlib.contextmanager
-def converted_to_hf(megatron_dir: str, source: Dict):
+def converted_to_hf(megatron_dir: str, source: Dict, export_dir: Optional[str] = None):
     """The checkpoint that ``source`` names (its latest iteration), converted into a temporary
-    Hugging Face directory. A checkpoint saved meanwhile is refused: the answers would come
-    from other weights than the identity names."""
+    Hugging Face directory inside ``export_dir`` (default: the system's temporary folder),
+    removed afterwards. It takes the model's size on disk (140 GB for a 70B in bf16). A
+    checkpoint saved meanwhile is refused: the answers would come from other weights than the
+    identity names."""
     from symnoise_megatron.checkpoint.convert import megatron_to_hf
     from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 
-    with tempfile.TemporaryDirectory() as hf_dir:
+    if export_dir is not None and not os.path.isdir(export_dir):
+        raise ValueError(f"--export-dir {export_dir} is not an existing folder")
+    with tempfile.TemporaryDirectory(prefix="symnoise-export-", dir=export_dir) as hf_dir:
         with runtime_for_this_machine():
             megatron_to_hf(megatron_dir, hf_dir, progress=False)
         if model_source(megatron_dir=megatron_dir) != source:
@@ -132,29 +190,65 @@ def converted_to_hf(megatron_dir: str, source: Dict):
         yield hf_dir
 
 
-def generator_identity(source: Dict, template: str, seed: int, decoding: Decoding) -> Dict:
+def generator_identity(source: Dict, template: str, seed: int, decoding: Decoding, settings: EngineSettings) -> Dict:
     """What decides the answers: the weights' origin, the template, the decoding settings
-    (the seed, temperature and top-p only when sampling)."""
+    (the seed, temperature and top-p only when sampling), the engine and its settings."""
     identity = dict(source, template=template, max_new_tokens=decoding.max_new_tokens,
                     decoding="greedy" if decoding.greedy else "sampling", repetition_penalty=decoding.repetition_penalty)
     if not decoding.greedy:
         identity.update(temperature=decoding.temperature, top_p=decoding.top_p, seed=seed)
+    identity.update(settings.identity())
     return identity
 
 
+def _real_token_repetition_penalty(penalty: float, pads: List[int]):
+    """transformers' repetition penalty (CTRL's, ``RepetitionPenaltyLogitsProcessor``) over each
+    row's real tokens only.
+
+    Left padding fills a row's first ``pads[row]`` positions with the pad id (EOS), and
+    transformers' processor counts every id in ``input_ids``: a padded row's EOS would be
+    penalised at every step, and its answer run longer than at batch 1. Here each pad is
+    replaced by the row's first real token before the penalty looks, which leaves the set of
+    ids it sees exactly the row's own (the attention mask already hides the pads from the model).
+    """
+    from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    class RealTokenRepetitionPenalty(LogitsProcessor):
+        def __init__(self):
+            self.penalty = RepetitionPenaltyLogitsProcessor(penalty)
+            self.pads = torch.tensor(pads)[:, None]
+
+        def __call__(self, input_ids, scores):
+            pads = self.pads.to(input_ids.device)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            real = torch.where(positions < pads, input_ids.gather(1, pads), input_ids)
+            return self.penalty(real, scores)
+
+    return RealTokenRepetitionPenalty()
+
+
 class Generator(_Engine):
-    """transformers' ``generate`` on the CPU or one GPU, in eval mode, batched with left padding."""
+    """transformers' ``generate`` in eval mode, batched with left padding: on the CPU, or on
+    the visible GPUs with the layers spread over them (``device_map="auto"``, accelerate)."""
 
     engine = "transformers"
 
-    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None):
-        from transformers import AutoModelForCausalLM
+    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None,
+                 settings: Optional[EngineSettings] = None):
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
-        super().__init__(hf_dir, template, seed, source)
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        self.model.eval()
+        super().__init__(hf_dir, template, seed, source, settings or EngineSettings("transformers"))
+        placement = {}
         if torch.cuda.is_available():
-            self.model.cuda()
+            if importlib.util.find_spec("accelerate") is None:
+                raise ValueError("the transformers engine places a model on GPUs with accelerate (device_map=auto): "
+                                 "pip install accelerate")
+            placement = {"device_map": "auto"}
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=DTYPES[self.settings.dtype], **placement)
+        self.model.eval()
+        # The decoding is this generator's settings alone, never the directory's
+        # generation_config.json (an export carries NEFTune's there, a base model its sampling).
+        self.model.generation_config = GenerationConfig()
 
     def answer(self, instructions: List[str], max_new_tokens: int = 64, temperature: float = 0.0,
                contexts: Optional[List[str]] = None, *, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -179,38 +273,64 @@ class Generator(_Engine):
 
     def _batch(self, batch: List[List[int]], decoding: Decoding) -> List[List[int]]:
         # Left padding keeps each prompt's last token at the end, where generation continues;
-        # the attention mask hides the pads, and transformers derives positions from it and
-        # leaves the pads out of the repetition penalty.
+        # the attention mask hides the pads from the model (transformers derives positions from
+        # it) and the repetition penalty looks at the real tokens only.
+        from transformers import LogitsProcessorList
+
         pad = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
         width = max(len(ids) for ids in batch)
+        pads = [width - len(ids) for ids in batch]
         device = self.model.device
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        input_ids = torch.tensor([[pad] * count + ids for count, ids in zip(pads, batch)], device=device)
+        mask = torch.tensor([[0] * count + [1] * len(ids) for count, ids in zip(pads, batch)], device=device)
+        processors = LogitsProcessorList()
+        if decoding.repetition_penalty != 1.0:
+            processors.append(_real_token_repetition_penalty(decoding.repetition_penalty, pads))
+        # Sampling is temperature and top-p alone, as vLLM's (transformers would add top-k 50).
+        sampling = {} if decoding.greedy else {"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": 0}
         torch.manual_seed(self.seed)
         with torch.no_grad():
             output = self.model.generate(
                 input_ids, attention_mask=mask, max_new_tokens=decoding.max_new_tokens, do_sample=not decoding.greedy,
-                temperature=None if decoding.greedy else decoding.temperature,
-                top_p=None if decoding.greedy else decoding.top_p, top_k=None,
-                repetition_penalty=decoding.repetition_penalty, eos_token_id=self.tokenizer.eos_id, pad_token_id=pad,
+                logits_processor=processors, eos_token_id=self.stop_ids or None, pad_token_id=pad, **sampling,
             )
-        return [self._until_eos(row[width:].tolist()) for row in output]
+        return [self.until_stop(row[width:].tolist()) for row in output]
+
+
+def vllm_engine_arguments(hf_dir: str, settings: EngineSettings, seed: int) -> Dict:
+    """The arguments of vLLM's ``LLM``. Its sampling defaults from the directory's
+    generation_config.json are switched off (``generation_config="vllm"``): the decoding is
+    this generator's."""
+    arguments = dict(model=hf_dir, tokenizer=hf_dir, seed=seed, dtype=DTYPES[settings.dtype],
+                     tensor_parallel_size=settings.tensor_parallel_size, generation_config="vllm")
+    if settings.max_model_len is not None:
+        arguments["max_model_len"] = settings.max_model_len
+    return arguments
+
+
+def vllm_sampling_arguments(decoding: Decoding, seed: int, stop: List[int]) -> Dict:
+    """The arguments of vLLM's ``SamplingParams``: greedy is temperature 0; a sampled answer is
+    seeded per request (so it does not depend on the batch); it stops at the ``stop`` ids."""
+    return dict(max_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                top_p=1.0 if decoding.greedy else decoding.top_p, repetition_penalty=decoding.repetition_penalty,
+                seed=None if decoding.greedy else seed, stop_token_ids=stop or None)
 
 
 class VLLMGenerator(_Engine):
-    """vLLM's offline ``LLM.generate`` (GPU clusters). A thin adapter, not tested in this
-    project's CI: vLLM needs a GPU. It schedules and batches the prompts it is given itself
-    (continuous batching), so ``batch_size`` only sets how many prompts it gets at a time.
-    Its ``repetition_penalty`` is transformers' (prompt and answer tokens both count); a
-    sampled answer is seeded per request, so it does not depend on the batch."""
+    """vLLM's offline ``LLM.generate`` (GPU clusters). A thin adapter, tested by contract (the
+    arguments it builds) in this project's CI, which has no GPU. It schedules and batches the
+    prompts it is given itself (continuous batching), so ``batch_size`` only sets how many
+    prompts it gets at a time. Its ``repetition_penalty`` is transformers' over the prompt and
+    answer tokens (there is no padding to leave out)."""
 
     engine = "vllm"
 
-    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None):
+    def __init__(self, hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, source: Optional[dict] = None,
+                 settings: Optional[EngineSettings] = None):
         from vllm import LLM
 
-        super().__init__(hf_dir, template, seed, source)
-        self.llm = LLM(model=hf_dir, tokenizer=hf_dir, seed=seed)
+        super().__init__(hf_dir, template, seed, source, settings or EngineSettings("vllm"))
+        self.llm = LLM(**vllm_engine_arguments(hf_dir, self.settings, seed))
 
     def answer(self, instructions: List[str], max_new_tokens: int = 64, temperature: float = 0.0,
                contexts: Optional[List[str]] = None, *, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -218,15 +338,11 @@ class VLLMGenerator(_Engine):
         from vllm import SamplingParams
 
         contexts = contexts or [""] * len(instructions)
-        greedy = temperature == 0
-        params = SamplingParams(
-            max_tokens=max_new_tokens, temperature=temperature, top_p=1.0 if greedy else top_p,
-            repetition_penalty=repetition_penalty, seed=None if greedy else self.seed,
-            stop_token_ids=[self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else None,
-        )
+        decoding = Decoding(max_new_tokens, temperature, top_p, repetition_penalty)
+        params = SamplingParams(**vllm_sampling_arguments(decoding, self.seed, self.stop_ids))
         prompts = [{"prompt_token_ids": self.prompt_ids(i, c)} for i, c in zip(instructions, contexts)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self.tokenizer.decode(self._until_eos(list(output.outputs[0].token_ids))).strip() for output in outputs]
+        return [self.tokenizer.decode(self.until_stop(list(output.outputs[0].token_ids))).strip() for output in outputs]
 
 
 def resolve_engine(engine: str) -> str:
@@ -241,10 +357,11 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
-def make_generator(hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0, engine: str = "auto",
-                   source: Optional[dict] = None) -> _Engine:
-    cls = VLLMGenerator if resolve_engine(engine) == "vllm" else Generator
-    return cls(hf_dir, template, seed, source)
+def make_generator(hf_dir: str, template: str = DEFAULT_PROMPT_TEMPLATE, seed: int = 0,
+                   settings: Optional[EngineSettings] = None, source: Optional[dict] = None) -> _Engine:
+    settings = settings or EngineSettings(resolve_engine("auto"))
+    cls = VLLMGenerator if settings.engine == "vllm" else Generator
+    return cls(hf_dir, template, seed, source, settings)
 
 
 def read_prompts(path: str) -> List[dict]:
@@ -305,7 +422,7 @@ def generate_file(generator: _Engine, prompts_path: str, output_path: str, name:
     identity = generator.identity(decoding)
     prompts = read_prompts(prompts_path)[:limit]
     done = answered_rows(output_path, prompts, prompts_path, identity)
-    write_json({"generator": identity, "engine": generator.engine, "batch_size": batch_size}, meta_path(output_path))
+    write_json({"generator": identity, "batch_size": batch_size}, meta_path(output_path))
 
     remaining = list(range(len(done), len(prompts)))
     window = batch_size * WINDOW_BATCHES if batch_size > 1 else 1

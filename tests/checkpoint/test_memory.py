@@ -61,3 +61,45 @@ def test_each_rank_holds_what_it_owns(tmp_path):
     for rank, growth in results.items():
         assert growth <= 2 * owned[rank] + 64 * MB, (rank, growth / MB)
     assert results[1] < model_bytes / 2
+
+
+def export_and_measure(megatron_dir, hf_dir):
+    import threading
+
+    import psutil
+    import torch.distributed as dist
+
+    from symnoise_megatron.checkpoint.convert import megatron_to_hf
+
+    # A first export pays the imports and the allocator's first growth (25 MB here); the second is measured.
+    megatron_to_hf(megatron_dir, hf_dir + "-warm-up", progress=False)
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    before = process.memory_info().rss
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        megatron_to_hf(megatron_dir, hf_dir, progress=False)
+    finally:
+        done.set()
+        sampler.join()
+    return {"rank": dist.get_rank(), "growth": peak[0] - before}
+
+
+def test_export_holds_one_layer_tensor_at_a_time(tmp_path):
+    # 8 layers of 14 MB (fp32), a 4 MB embedding: a stacked fc1 (8 layers) is 45 MB, one layer's 5.6 MB.
+    hf_dir = make_hf_model("llama", dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                                         num_key_value_heads=8, num_hidden_layers=8, vocab_size=2000),
+                           str(tmp_path / "hf"))
+    layer_bytes = (4 * 512 * 512 + 3 * 512 * 1376 + 2 * 512) * 4
+    run_distributed(convert_and_measure, 2, hf_dir, str(tmp_path / "mg"))
+    results = {r["rank"]: r["growth"] for r in run_distributed(export_and_measure, 2, str(tmp_path / "mg"),
+                                                                 str(tmp_path / "back"))}
+    print({rank: f"{growth / MB:.1f} MB grown" for rank, growth in results.items()}, f"layer {layer_bytes / MB:.1f} MB")
+    # Reading whole stacked tensors, as the export did before streaming, grew a rank by 120 MB.
+    for rank, growth in results.items():
+        assert growth <= 2 * layer_bytes, (rank, growth / MB)

@@ -65,3 +65,19 @@ def test_transformers_loads_the_same_model(converted, round_tripped, name):
         expected = AutoModelForCausalLM.from_pretrained(converted[name][0], dtype=torch.float32)(tokens).logits
         actual = AutoModelForCausalLM.from_pretrained(round_tripped[name], dtype=torch.float32)(tokens).logits
     assert torch.equal(actual, expected)
+
+
+def to_hf_on_every_rank(megatron_dir, save_dir):
+    from symnoise_megatron.checkpoint.convert import megatron_to_hf
+
+    megatron_to_hf(megatron_dir, save_dir, max_shard_bytes=200_000, progress=False)
+
+
+@pytest.mark.parametrize("name, ranks", [("llama_gqa_untied_32001", 2), ("opt", 3)])
+def test_ranks_sharing_the_layers_write_the_same_bytes_as_one_process(converted, round_tripped, tmp_path, name, ranks):
+    # 2 layers on 3 ranks: one rank reads no layer, only a global tensor, and joins the others' loads.
+    run_distributed(to_hf_on_every_rank, ranks, converted[name][1], str(tmp_path / "hf"))
+    one = sorted(os.listdir(round_tripped[name]))
+    assert sorted(os.listdir(tmp_path / "hf")) == one and len(one) > 3
+    for filename in one:
+        assert (tmp_path / "hf" / filename).read_bytes() == open(os.path.join(round_tripped[name], filename), "rb").read(), filename

@@ -1,8 +1,10 @@
 """Generation: megatron checkpoint and its HF twin agree, resuming appends, no noise ever."""
 
 import json
+import os
 
 import pytest
+import torch
 
 from tests.distributed import run_distributed
 
@@ -126,6 +128,53 @@ def test_batched_greedy_answers_equal_batch_one_and_come_back_in_prompt_order(ch
     assert [r["output"] for r in plain] != [r["output"] for r in one]
 
 
+EOS_PROMPTS = [p["instruction"] for p in MORE_PROMPTS] + [
+    "List three fruits.", "Translate hello to French.", "Explain gravity in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def early_eos_model(tmp_path_factory):
+    """A tiny LLaMA that ends its answers early: the EOS row of its output layer is 1.05 times the
+    row of a token its greedy answers (penalty 1.2) take a few steps in, so EOS wins there by a
+    margin that a 1.2 penalty on EOS would undo."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from symnoise_megatron.evaluation.generate import Decoding, Generator
+    from tools.make_tiny_llama import main as make_tiny
+
+    directory = str(tmp_path_factory.mktemp("early_eos") / "hf")
+    make_tiny(["--save-dir", directory, "--hidden-size", "64", "--num-layers", "2"])
+    generator = Generator(directory)
+    answers = generator.answer_ids([generator.prompt_ids(q) for q in EOS_PROMPTS], Decoding(16, repetition_penalty=1.2))
+    first = {answer[0] for answer in answers}
+    later = Counter(token for answer in answers for token in set(answer[2:8]) if token not in first)
+    token = later.most_common(1)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[generator.tokenizer.eos_id] = 1.05 * model.lm_head.weight[token]
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_padded_rows_stop_where_batch_one_stops_under_the_repetition_penalty(early_eos_model):
+    from symnoise_megatron.evaluation.generate import Decoding, Generator
+
+    generator = Generator(early_eos_model)
+    prompts = [generator.prompt_ids(q) for q in EOS_PROMPTS]
+    decoding = Decoding(16, repetition_penalty=1.2)
+    one = generator.answer_ids(prompts, decoding, batch_size=1)
+    stopped = [i for i, answer in enumerate(one) if len(answer) < 16]
+    assert len(stopped) >= 3 and any(len(answer) == 16 for answer in one)  # EOS early, and not everywhere
+    for batch_size in (3, len(prompts)):
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        padded = {i for batch in batches for i in batch if len(prompts[i]) < max(len(prompts[j]) for j in batch)}
+        assert padded & set(stopped)  # rows whose prompts were padded with EOS do stop early
+        assert generator.answer_ids(prompts, decoding, batch_size=batch_size) == one
+
+
 def test_an_interrupted_batched_run_keeps_a_prefix_and_resumes(checkpoints, tmp_path):
     from symnoise_megatron.evaluation.generate import Generator, generate_file
 
@@ -242,3 +291,103 @@ def test_a_checkpoint_saved_during_the_conversion_is_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match="a new checkpoint was saved while it was being converted; run again"):
         with converted_to_hf(str(tmp_path), source):
             pass
+
+
+def test_resuming_with_another_engine_or_its_settings_is_refused_naming_both(checkpoints, tmp_path):
+    from symnoise_megatron.evaluation.generate import (Decoding, EngineSettings, Generator, answered_rows, generate_file,
+                                                       generator_identity, model_source, read_prompts)
+
+    hf_dir, _, prompts = checkpoints
+    output = str(tmp_path / "out.json")
+    generate_file(Generator(hf_dir), prompts, output, "m", max_new_tokens=8, limit=1, progress=False)
+    recorded = json.load(open(output + ".meta"))["generator"]
+    assert (recorded["engine"], recorded["dtype"]) == ("transformers", "fp32")  # auto on CPU
+    with pytest.raises(ValueError, match="dtype: 'fp32' then, 'bf16' now"):
+        generate_file(Generator(hf_dir, settings=EngineSettings("transformers", "bf16")), prompts, output, "m",
+                      max_new_tokens=8, progress=False)
+    # A node with vLLM and 8 GPUs resuming a file that transformers began (checked before any model loads).
+    vllm = generator_identity(model_source(hf_dir), "alpaca", 0, Decoding(8), EngineSettings("vllm", "fp32", 8, 4096))
+    with pytest.raises(ValueError, match="engine: 'transformers' then, 'vllm' now.*max_model_len: None then, 4096 now.*"
+                                         "tensor_parallel_size: None then, 8 now"):
+        answered_rows(output, read_prompts(prompts), prompts, vllm)
+    assert len(json.load(open(output))) == 1
+
+
+def test_engine_settings_belong_to_their_engine():
+    from symnoise_megatron.evaluation.generate import EngineSettings
+
+    assert EngineSettings("transformers").dtype == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert EngineSettings("vllm", "bf16", 8).identity() == {"engine": "vllm", "dtype": "bf16", "tensor_parallel_size": 8,
+                                                            "max_model_len": None}
+    for bad, message in ((dict(tensor_parallel_size=2), "--tensor-parallel-size is vLLM's"),
+                         (dict(max_model_len=4096), "--max-model-len is vLLM's"), (dict(dtype="fp8"), "--dtype")):
+        with pytest.raises(ValueError, match=message):
+            EngineSettings("transformers", **bad)
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be at least 1"):
+        EngineSettings("vllm", tensor_parallel_size=0)
+
+
+class FakeVLLM:
+    """Stands in for the vllm package: records what the adapter builds, answers with scripted token ids."""
+
+    def __init__(self, answers):
+        self.calls, self.answers = {}, answers
+        fake = self
+
+        class LLM:
+            def __init__(self, **arguments):
+                fake.calls["LLM"] = arguments
+
+            def generate(self, prompts, params, use_tqdm):
+                fake.calls["generate"] = prompts
+                return [type("Request", (), {"outputs": [type("Out", (), {"token_ids": ids})]}) for ids in fake.answers]
+
+        class SamplingParams:
+            def __init__(self, **arguments):
+                fake.calls["SamplingParams"] = arguments
+
+        self.LLM, self.SamplingParams = LLM, SamplingParams
+
+
+def test_the_vllm_adapter_builds_tensor_parallel_engine_and_sampling_arguments(checkpoints, monkeypatch):
+    import sys
+
+    from symnoise_megatron.evaluation.generate import Decoding, EngineSettings, VLLMGenerator
+
+    hf_dir = checkpoints[0]
+    fake = FakeVLLM(answers=[[5, 6, 2, 7], [8, 9]])  # 2 is the tokenizer's EOS: the first answer ends before it
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    generator = VLLMGenerator(hf_dir, "alpaca", seed=3, settings=EngineSettings("vllm", "bf16", 8, 4096))
+    assert fake.calls["LLM"] == dict(model=hf_dir, tokenizer=hf_dir, seed=3, dtype=torch.bfloat16, tensor_parallel_size=8,
+                                     max_model_len=4096, generation_config="vllm")
+    answers = generator.answer(["Name a colour.", "Why?"], 64, repetition_penalty=1.2)
+    assert fake.calls["SamplingParams"] == dict(max_tokens=64, temperature=0.0, top_p=1.0, repetition_penalty=1.2,
+                                                seed=None, stop_token_ids=[2])
+    assert fake.calls["generate"] == [{"prompt_token_ids": generator.prompt_ids(q)} for q in ("Name a colour.", "Why?")]
+    assert answers == [generator.tokenizer.decode([5, 6]).strip(), generator.tokenizer.decode([8, 9]).strip()]
+    generator.answer(["Why?"], 16, temperature=0.7, top_p=0.9)
+    assert fake.calls["SamplingParams"] == dict(max_tokens=16, temperature=0.7, top_p=0.9, repetition_penalty=1.0,
+                                                seed=3, stop_token_ids=[2])
+    assert generator.identity(Decoding())["tensor_parallel_size"] == 8
+
+
+def test_megatron_dir_is_converted_inside_the_export_dir_and_removed(checkpoints, tmp_path, monkeypatch, capsys):
+    from symnoise_megatron.checkpoint import convert
+    from tools.generate import main
+
+    _, megatron_dir, prompts = checkpoints
+    seen, original = [], convert.megatron_to_hf
+    monkeypatch.setattr(convert, "megatron_to_hf", lambda load, save, **kw: seen.append(save) or original(load, save, **kw))
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    common = ["--megatron-dir", megatron_dir, "--prompts", prompts, "--limit", "1", "--max-new-tokens", "2",
+              "--no-progress", "--output", str(tmp_path / "out.json")]
+    assert main(common + ["--export-dir", str(exports)]) == 0
+    assert os.path.dirname(seen[0]) == str(exports) and os.listdir(exports) == []
+    assert main(common + ["--export-dir", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--export-dir {tmp_path / 'absent'} is not an existing folder")
+    for flags, message in ((["--tensor-parallel-size", "8"], "--tensor-parallel-size is vLLM's"),
+                           (["--max-model-len", "0"], "--max-model-len")):
+        assert main(common + flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -26,8 +26,9 @@ from symnoise_megatron.checkpoint.layouts import expected_hf_shapes
 from symnoise_megatron.model.config import preset
 
 
-def write_checkpoint(directory):
-    model = preset("llama2-7b")
+def write_checkpoint(directory, model=None):
+    """A random bf16 HF checkpoint of ``model``'s names and shapes (default LLaMA-2-7B) in 2 shards."""
+    model = model or preset("llama2-7b")
     if os.path.exists(os.path.join(directory, "model.safetensors.index.json")):
         return model
     os.makedirs(directory, exist_ok=True)
@@ -48,14 +49,14 @@ def write_checkpoint(directory):
     return model
 
 
-def convert(hf_dir, out_dir, ranks):
-    shutil.rmtree(out_dir, ignore_errors=True)
+def timed_torchrun(arguments, ranks):
+    """``tools/convert_checkpoint.py ARGUMENTS`` under torchrun with ``ranks`` ranks: the wall
+    time and each rank's peak resident memory, sampled every 50 ms."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     script = os.path.join(os.path.dirname(__file__), "..", "convert_checkpoint.py")
     started = time.perf_counter()
-    process = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(ranks), script, "hf-to-megatron",
-                                "--load-dir", hf_dir, "--save-dir", out_dir, "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(ranks), script] + arguments
+                               + ["--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, parent = {}, psutil.Process(process.pid)
     while process.poll() is None:
         try:
@@ -67,7 +68,13 @@ def convert(hf_dir, out_dir, ranks):
         time.sleep(0.05)
     if process.returncode:
         raise RuntimeError(process.stderr.read().decode()[-2000:])
-    return time.perf_counter() - started, max(peak.values()) if peak else 0
+    return time.perf_counter() - started, sorted(peak.values(), reverse=True)
+
+
+def convert(hf_dir, out_dir, ranks):
+    shutil.rmtree(out_dir, ignore_errors=True)
+    seconds, peaks = timed_torchrun(["hf-to-megatron", "--load-dir", hf_dir, "--save-dir", out_dir], ranks)
+    return seconds, peaks[0] if peaks else 0
 
 
 def main():
