@@ -411,14 +411,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         row_counts = [readers.count_rows(p) for p in paths]
         total_rows = sum(row_counts) if None not in row_counts else None
     temporary = {key: f"{path}.tmp-{os.getpid()}" for key, path in out.items()}
-    try:
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(config.output_prefix)
-        builders = {"tokens": IndexedWriter(temporary["tokens"] + ".bin", dtype)}
-        builders["loss_mask"] = IndexedWriter(temporary["loss_mask"] + ".bin", np.uint8)
-    except OSError as error:
-        _remove(temporary)
-        raise _write_error(error, folder) from None
+    builders = {}
     counts = Counter()
     dropped, skipped, boundaries = Counter(), Counter(), Counter()
     skipped_examples: List[str] = []
@@ -426,7 +419,13 @@ def preprocess(config: PreprocessConfig) -> dict:
     bar = tqdm(total=total_rows, unit="rows", desc="preprocess", disable=not config.progress, dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")
     pool = None
+    # One handler from the first file created on: an interrupt at any point (Ctrl-C between
+    # creating the files and reading the first row included) leaves no temporary behind.
     try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(config.output_prefix)
+        builders["tokens"] = IndexedWriter(temporary["tokens"] + ".bin", dtype)
+        builders["loss_mask"] = IndexedWriter(temporary["loss_mask"] + ".bin", np.uint8)
         if config.workers == 1:
             _init_worker(config, template.name)
             results = map(_process_chunk, _jobs(config, file_formats))

@@ -150,7 +150,7 @@ def _outputs(outputs: str) -> dict:
     generator = meta["generator"]
     record, where = _model_record(generator.get("model"), generator.get("checkpoint_iteration"))
     return {"kind": "generated outputs", "path": outputs, "answers": len(answers), "generator": generator,
-            "engine": meta.get("engine"), "batch_size": meta.get("batch_size"), "model_provenance_from": where,
+            "engine": generator.get("engine", meta.get("engine")), "batch_size": meta.get("batch_size"), "model_provenance_from": where,
             "model_provenance": record}
 
 
