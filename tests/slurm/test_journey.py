@@ -51,7 +51,7 @@ def test_the_journey_runs_as_chained_jobs_from_a_hugging_face_model_to_answers(s
     srun.chmod(0o755)
     work = tmp_path / "journey"
     env = dict(submit_env, STEPS=" ".join(STEPS), WORK=str(work), HF_MODEL=str(hf_model), RAW_DATA=BUNDLED_INSTRUCTIONS,
-               PROMPTS=str(prompts), PRESET="cpu", NODES="2", ITERS="2", SAVE_INTERVAL="1000", CONVERT_NPROC="2",
+               PROMPTS=str(prompts), PRESET="cpu", NODES="2", ITERS="2", SAVE_INTERVAL="1000", CONVERT_NPROC="2", EXPORT_NPROC="2",
                GENERATE_ENGINE="transformers", GENERATE_ARGS="--max-new-tokens 8",
                # whole nodes, in a container
                EXCLUSIVE="1", CONTAINER_IMAGE="registry#symnoise/test:1", CONTAINER_MOUNTS="/lustre:/lustre",
