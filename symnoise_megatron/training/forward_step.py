@@ -26,10 +26,16 @@ def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def uses_transformer_engine(model) -> bool:
+    """Whether the chunk was built with the Transformer Engine spec (``model.builder``), whose
+    attention reads no dense mask (causal, or cumulative lengths for packed rows)."""
+    return any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
+
+
 def packs_in_thd(model, microbatch: MicroBatch) -> bool:
     """Packed rows (per-token lengths) through a chunk built with the Transformer Engine spec,
     whose attention separates samples by cumulative lengths instead of the dense mask."""
-    return microbatch.lengths.dim() == 2 and any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
+    return microbatch.packed and uses_transformer_engine(model)
 
 
 def schedule_shape(model, microbatch: MicroBatch, rows: int):
@@ -51,9 +57,15 @@ def _check_thd_input(model, rows: int, seq: int) -> None:
 
 
 def forward_step(data_iterator: Iterator[MicroBatch], model):
-    """Run one micro-batch through this rank's model chunk; return output and loss function."""
+    """Run one micro-batch through this rank's model chunk; return output and loss function.
+
+    The micro-batch comes through ``MicroBatch.to`` (its loss positions and thd segments taken on
+    the host); the dense attention mask is built here, on the device, for the local spec only."""
     microbatch = next(data_iterator)
     if packs_in_thd(model, microbatch):
+        if microbatch.packed_segments is None:
+            raise ValueError("packed rows reach the Transformer Engine spec without their thd segments: "
+                             "move micro-batches with MicroBatch.to(device), which takes them on the host")
         # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
         # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
         rows, seq = microbatch.tokens.shape
@@ -65,7 +77,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
                 flat(microbatch.position_ids),
                 None,
                 labels=flat(microbatch.labels),
-                packed_seq_params=packed_seq_params(microbatch.position_ids, microbatch.lengths),
+                packed_seq_params=packed_seq_params(microbatch.packed_segments),
             )
         # The per-token losses come back [1, b * s]: row-major, as the loss mask flattens.
         return output, partial(token_loss, microbatch.loss_mask)
@@ -73,7 +85,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
         output = model(
             microbatch.tokens,
             microbatch.position_ids,
-            microbatch.attention_mask,
+            None if uses_transformer_engine(model) else microbatch.attention_mask(),
             labels=microbatch.labels,
         )
     return output, partial(token_loss, microbatch.loss_mask)
