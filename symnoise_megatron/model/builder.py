@@ -177,6 +177,12 @@ def build_gpt_model(
     return gpt
 
 
+def built_with_transformer_engine(chunk: torch.nn.Module) -> bool:
+    """Whether ``chunk`` (or the model chunk it wraps) has Transformer Engine's layers: its
+    attention reads no dense mask (causal by itself, cumulative lengths for packed rows)."""
+    return any(getattr(module, "packed_rows_in_thd", False) for module in chunk.modules())
+
+
 def build_model_chunks(
     model: ModelConfig, noise: NoiseConfig, config: TransformerConfig, **kwargs
 ) -> List[GPTModel]:

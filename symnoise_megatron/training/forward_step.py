@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from symnoise_megatron.data.microbatch import MicroBatch
+from symnoise_megatron.model.builder import built_with_transformer_engine
 from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
 from symnoise_megatron.model.step_inputs import step_inputs
 
@@ -26,16 +27,10 @@ def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def uses_transformer_engine(model) -> bool:
-    """Whether the chunk was built with the Transformer Engine spec (``model.builder``), whose
-    attention reads no dense mask (causal, or cumulative lengths for packed rows)."""
-    return any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
-
-
 def packs_in_thd(model, microbatch: MicroBatch) -> bool:
     """Packed rows (per-token lengths) through a chunk built with the Transformer Engine spec,
     whose attention separates samples by cumulative lengths instead of the dense mask."""
-    return microbatch.packed and uses_transformer_engine(model)
+    return microbatch.packed and built_with_transformer_engine(model)
 
 
 def schedule_shape(model, microbatch: MicroBatch, rows: int):
@@ -85,7 +80,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
         output = model(
             microbatch.tokens,
             microbatch.position_ids,
-            None if uses_transformer_engine(model) else microbatch.attention_mask(),
+            None if built_with_transformer_engine(model) else microbatch.attention_mask(),
             labels=microbatch.labels,
         )
     return output, partial(token_loss, microbatch.loss_mask)

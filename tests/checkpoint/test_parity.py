@@ -1,6 +1,7 @@
 """Converted checkpoints against transformers: logits under TP 1/2, PP 2, TP2 x PP2."""
 
 import pytest
+import torch
 
 from tests.checkpoint.conftest import HF_MODELS
 from tests.distributed import run_distributed
@@ -24,7 +25,29 @@ def compare_all(pairs, tp, pp):
             out[name] = compare_with_transformers(hf_dir, megatron_dir, parallel, batch=2, seq=48)
         except ValueError as error:
             out[name] = str(error)
+    if tp == pp == 1:
+        out["on_another_device"] = on_another_device(*pairs["llama_gqa_untied_32001"], parallel)
     return out
+
+
+def on_another_device(hf_dir, megatron_dir, parallel):
+    """Where the rank's device is not the CPU (a GPU: never in CI), both models and the tokens must
+    go there. Stand-in: the meta device, on which every forward runs without data; the check then
+    fails only where the logits are copied back to compare them. A tensor left on the CPU fails
+    earlier, naming both devices."""
+    from unittest import mock
+
+    from symnoise_megatron.checkpoint.verify import compare_with_transformers
+    from symnoise_megatron.runtime import parallel as parallel_module
+
+    # The stand-in is the "current CUDA device" too, where megatron-core creates rope's frequencies.
+    with mock.patch.object(parallel_module, "compute_device", lambda: torch.device("meta")), \
+            mock.patch("torch.cuda.current_device", lambda: "meta"):
+        try:
+            compare_with_transformers(hf_dir, megatron_dir, parallel, batch=2, seq=48)
+        except (RuntimeError, NotImplementedError) as error:
+            import traceback; return traceback.format_exc()
+    return "ran to the end"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +55,8 @@ def reports(converted):
     results = {}
     for layout, (tp, pp) in LAYOUTS.items():
         per_rank = run_distributed(compare_all, tp * pp, converted, tp, pp)
-        results[layout] = {name: next((r[name] for r in per_rank if r[name] is not None), None) for name in HF_MODELS}
+        results[layout] = {name: next((r[name] for r in per_rank if r.get(name) is not None), None)
+                           for name in list(HF_MODELS) + ["on_another_device"]}
     return results
 
 
@@ -45,6 +69,24 @@ def test_logits_match_transformers(reports, layout, name):
         return
     assert report.max_abs_diff <= TOLERANCE, report
     assert report.megatron_loss == pytest.approx(report.hf_loss, abs=1e-5)
+
+
+def test_verify_runs_both_models_on_the_ranks_device(reports):
+    """Issue 24: on a GPU machine the inputs and transformers' model stayed on the CPU while
+    megatron's was on CUDA. On the stand-in device everything runs until the comparison copies
+    the logits back."""
+    assert "Cannot copy out of meta tensor" in reports["tp1"]["on_another_device"], reports["tp1"]["on_another_device"]
+
+
+def test_the_verdict_is_relative_to_the_logits_and_looser_under_tf32():
+    from symnoise_megatron.checkpoint.verify import FP32_TOLERANCE, TF32_TOLERANCE, ParityReport
+
+    report = ParityReport(max_abs_diff=3e-4, max_rel_diff=0.1, max_abs_logit=20.0, megatron_loss=1.0, hf_loss=1.0,
+                          tokens=96)
+    assert report.scaled_diff == pytest.approx(1.5e-5) and report.passed() and FP32_TOLERANCE == 2e-5
+    assert not ParityReport(**dict(vars(report), max_abs_logit=10.0)).passed()
+    loose = ParityReport(**dict(vars(report), max_abs_diff=0.1, tf32=True))
+    assert loose.passed() and TF32_TOLERANCE == 1e-2 and not loose.passed(1e-3)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_untied_32001", "opt"])
