@@ -32,22 +32,39 @@ def compare_all(pairs, tp, pp):
 
 def on_another_device(hf_dir, megatron_dir, parallel):
     """Where the rank's device is not the CPU (a GPU: never in CI), both models and the tokens must
-    go there. Stand-in: the meta device, on which every forward runs without data; the check then
-    fails only where the logits are copied back to compare them. A tensor left on the CPU fails
-    earlier, naming both devices."""
+    go there. Stand-in: the meta device, on which every forward runs without data, so the check
+    stops where the logits are copied back. Meanwhile every module call records the devices of
+    its parameters and tensor inputs: (the error, the devices seen)."""
     from unittest import mock
+
+    from megatron.core import parallel_state
 
     from symnoise_megatron.checkpoint.verify import compare_with_transformers
     from symnoise_megatron.runtime import parallel as parallel_module
 
+    def fresh_memory_buffer():  # megatron-core's scratch buffers, made on the current device when first asked
+        parallel_state.destroy_global_memory_buffer()
+        parallel_state._set_global_memory_buffer()
+
+    seen = set()
+
+    def record(module, inputs):
+        seen.update(str(t.device) for t in [*module.parameters(recurse=False), *inputs] if isinstance(t, torch.Tensor))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
     # The stand-in is the "current CUDA device" too, where megatron-core creates rope's frequencies.
-    with mock.patch.object(parallel_module, "compute_device", lambda: torch.device("meta")), \
-            mock.patch("torch.cuda.current_device", lambda: "meta"):
-        try:
+    fresh_memory_buffer()
+    try:
+        with mock.patch.object(parallel_module, "compute_device", lambda: torch.device("meta")), \
+                mock.patch("torch.cuda.current_device", lambda: "meta"):
             compare_with_transformers(hf_dir, megatron_dir, parallel, batch=2, seq=48)
-        except (RuntimeError, NotImplementedError) as error:
-            import traceback; return traceback.format_exc()
-    return "ran to the end"
+        error = "ran to the end"
+    except (RuntimeError, NotImplementedError) as raised:
+        error = str(raised)
+    finally:
+        hook.remove()
+        fresh_memory_buffer()
+    return error, seen
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +92,8 @@ def test_verify_runs_both_models_on_the_ranks_device(reports):
     """Issue 24: on a GPU machine the inputs and transformers' model stayed on the CPU while
     megatron's was on CUDA. On the stand-in device everything runs until the comparison copies
     the logits back."""
-    assert "Cannot copy out of meta tensor" in reports["tp1"]["on_another_device"], reports["tp1"]["on_another_device"]
+    error, devices = reports["tp1"]["on_another_device"]
+    assert "Cannot copy out of meta tensor" in error and devices == {"meta"}, (error, devices)
 
 
 def test_the_verdict_is_relative_to_the_logits_and_looser_under_tf32():
