@@ -12,7 +12,9 @@ transformers pads each batch to its longest sample and adds NEFTune's uniform no
 its own hook. Throughput counts real
 (non-padding) data tokens, so packing and padding waste count against whichever side has
 them. The first --warmup steps are not timed. `uniform` is the like-for-like row (NEFTune);
-`symmetric` runs both copies of every sample, twice the work per data token.
+`symmetric` runs both copies of every sample, twice the work per data token. A row whose
+process fails stops the bench with that process's last lines of output. ``--smallest``: one
+round of one step, TP 1, uniform, two short samples (CI runs it: the bench keeps working).
 """
 
 import argparse
@@ -115,8 +117,10 @@ def transformers_reference(args, hf_dir, prefix):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
     config = training_config(args, None, prefix, "uniform")
     data = SFTIndexedData(prefix)
-    train, _, _ = split_indices(len(data), config.split_weights, config.seed)
-    sampler = GlobalBatchSampler(SampleOrder(len(train), config.seed), config.global_batch_size, config.micro_batch_size)
+    seed = config.optimizer.seed
+    train, _, _ = split_indices(len(data), config.data.split_weights, seed)
+    sampler = GlobalBatchSampler(SampleOrder(len(train), seed), config.optimizer.global_batch_size,
+                                 config.optimizer.micro_batch_size)
     pad = data.meta["tokenizer"]["eos_id"]
     times, tokens, losses = [], 0, []
     for step in range(args.warmup + args.steps):
@@ -158,7 +162,11 @@ def run_row(args, layout, noise_kind, hf_dir, megatron_dir, prefix):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp)]
     command = launcher + [__file__, "--worker", "--layout", layout, "--noise-kind", noise_kind, "--hf-dir", hf_dir,
                           "--megatron-dir", megatron_dir, "--data-prefix", prefix, "--result", result] + forwarded(args)
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-25:])
+        raise SystemExit(f"{tail}\nbench_cpu_step: the {layout} {noise_kind} row failed (exit {done.returncode}); "
+                         f"its last lines are above")
     with open(result) as handle:
         return json.load(handle)
 
@@ -185,6 +193,9 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--noise-kinds", nargs="+", default=["uniform", "symmetric"], choices=["uniform", "symmetric"])
     parser.add_argument("--rounds", type=int, default=3, help="every row this many times, interleaved")
+    parser.add_argument("--smallest", action="store_true",
+                        help="one round of one step (no warm-up), TP 1, uniform noise, global batch 2 of rows of 64 "
+                             "(CI runs it; the figures mean nothing)")
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
@@ -193,6 +204,10 @@ def main():
     parser.add_argument("--data-prefix", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smallest:
+        args.steps, args.warmup, args.rounds, args.layouts, args.noise_kinds = 1, 0, 1, ["tp1"], ["uniform"]
+        args.global_batch_size = args.micro_batch_size = 2
+        args.seq_length, args.threads = 64, 1
     if args.worker:
         if args.layout == REFERENCE:
             with open(args.result, "w") as handle:
