@@ -46,24 +46,21 @@ def test_noise_kernel_bench():
 
 
 @pytest.fixture(scope="module")
-def cpu_step(tmp_path_factory, smollm2_hf):
-    """The bench's workdir (SmolLM2 converted once, by the first test) and the suite's SmolLM2 cache."""
-    return str(tmp_path_factory.mktemp("bench_cpu_step")), os.path.dirname(smollm2_hf)
+def cpu_step_workdir(tmp_path_factory):
+    """The bench's workdir: its tiny model made and converted once, by the first test."""
+    return str(tmp_path_factory.mktemp("bench_cpu_step"))
 
 
-def test_cpu_step_bench_against_transformers(cpu_step):
-    workdir, cache = cpu_step
-    ran = bench("bench_cpu_step.py", "--smallest", "--workdir", workdir, SYMNOISE_CACHE=cache)
+def test_cpu_step_bench_against_transformers(cpu_step_workdir):
+    ran = bench("bench_cpu_step.py", "--smallest", "--workdir", cpu_step_workdir)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "| transformers + NEFTune (uniform 5) |" in ran.stdout and "| symnoise-megatron tp1, uniform 5 |" in ran.stdout
 
 
-def test_cpu_step_bench_shows_a_failing_workers_error(cpu_step):
+def test_cpu_step_bench_shows_a_failing_workers_error(cpu_step_workdir):
     # A micro-batch larger than the global batch: the reference row's worker refuses it.
-    workdir, cache = cpu_step
-    ran = bench("bench_cpu_step.py", "--workdir", workdir, "--steps", "1", "--warmup", "0", "--rounds", "1",
-                "--layouts", "tp1", "--noise-kinds", "uniform", "--global-batch-size", "2", "--micro-batch-size", "3",
-                "--threads", "1", SYMNOISE_CACHE=cache)
+    ran = bench("bench_cpu_step.py", "--smallest", "--workdir", cpu_step_workdir, "--global-batch-size", "2",
+                "--micro-batch-size", "3")
     assert ran.returncode != 0
     assert "the transformers uniform row failed" in ran.stderr
     assert "Traceback" in ran.stderr and "ValueError" in ran.stderr  # the worker's own lines

@@ -13,7 +13,8 @@ its own hook. Throughput counts real
 (non-padding) data tokens, so packing and padding waste count against whichever side has
 them. The first --warmup steps are not timed. `uniform` is the like-for-like row (NEFTune);
 `symmetric` runs both copies of every sample, twice the work per data token. A row whose
-process fails stops the bench with that process's last lines of output. ``--smallest``: one
+process fails stops the bench with that process's last lines of output. ``--smallest``: a tiny
+random LLaMA with the bundled tokenizer (tools/make_tiny_llama.py) in place of SmolLM2, one
 round of one step, TP 1, uniform, two short samples (CI runs it: the bench keeps working).
 """
 
@@ -34,18 +35,26 @@ LAYOUTS = {  # name: (tensor parallel, pipeline parallel)
 }
 
 
-def prepare(workdir):
-    """SmolLM2 (HF and converted) and the bundled set preprocessed for it; reused when present."""
+def prepare(workdir, smallest=False):
+    """SmolLM2 (HF and converted) and the bundled set preprocessed for it; reused when present.
+    ``smallest``: a tiny random LLaMA with the bundled SentencePiece tokenizer instead."""
     from symnoise_megatron.checkpoint.gguf import materialize
     from symnoise_megatron.data import BUNDLED_INSTRUCTIONS
     from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
     from symnoise_megatron.data.tokenizer import TokenizerSpec
 
-    hf_dir = materialize("smollm2-135m-instruct", os.environ.get("SYMNOISE_CACHE") or os.path.join(workdir, "cache"))
-    megatron_dir, prefix = os.path.join(workdir, "smollm2-megatron"), os.path.join(workdir, "data", "bundled")
+    name = "tiny" if smallest else "smollm2"
+    if smallest:
+        hf_dir = os.path.join(workdir, "tiny-hf")
+        if not os.path.exists(os.path.join(hf_dir, "config.json")):
+            subprocess.run([sys.executable, "tools/make_tiny_llama.py", "--save-dir", hf_dir, "--hidden-size", "64",
+                            "--num-layers", "2"], check=True, stdout=subprocess.DEVNULL)
+    else:
+        hf_dir = materialize("smollm2-135m-instruct", os.environ.get("SYMNOISE_CACHE") or os.path.join(workdir, "cache"))
+    megatron_dir, prefix = os.path.join(workdir, f"{name}-megatron"), os.path.join(workdir, "data", f"bundled_{name}")
     if not os.path.exists(prefix + "_tokens.bin"):
         preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(directory=hf_dir),
-                                    prompt_template="chatml", seq_length=257, progress=False))
+                                    prompt_template="alpaca" if smallest else "chatml", seq_length=257, progress=False))
     if not os.path.exists(os.path.join(megatron_dir, "latest_checkpointed_iteration.txt")):
         subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--load-dir", hf_dir,
                         "--save-dir", megatron_dir, "--no-progress"], check=True)
@@ -151,6 +160,8 @@ def transformers_reference(args, hf_dir, prefix):
 
 
 REFERENCE = "transformers"
+SMALLEST = dict(steps=1, warmup=0, rounds=1, layouts=["tp1"], noise_kinds=["uniform"], global_batch_size=2,
+                micro_batch_size=2, seq_length=64, threads=1)
 
 
 def run_row(args, layout, noise_kind, hf_dir, megatron_dir, prefix):
@@ -194,8 +205,9 @@ def main():
     parser.add_argument("--noise-kinds", nargs="+", default=["uniform", "symmetric"], choices=["uniform", "symmetric"])
     parser.add_argument("--rounds", type=int, default=3, help="every row this many times, interleaved")
     parser.add_argument("--smallest", action="store_true",
-                        help="one round of one step (no warm-up), TP 1, uniform noise, global batch 2 of rows of 64 "
-                             "(CI runs it; the figures mean nothing)")
+                        help="a tiny random LLaMA instead of SmolLM2 and, for the options not given, one round of one "
+                             "step (no warm-up), TP 1, uniform noise, global batch 2 of rows of 64 (CI runs it; the "
+                             "figures mean nothing)")
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
@@ -204,10 +216,10 @@ def main():
     parser.add_argument("--data-prefix", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.smallest:
-        args.steps, args.warmup, args.rounds, args.layouts, args.noise_kinds = 1, 0, 1, ["tp1"], ["uniform"]
-        args.global_batch_size = args.micro_batch_size = 2
-        args.seq_length, args.threads = 64, 1
+    if args.smallest:  # the smallest value of every option left at its default
+        for name, value in SMALLEST.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     if args.worker:
         if args.layout == REFERENCE:
             with open(args.result, "w") as handle:
@@ -216,7 +228,7 @@ def main():
             worker(args)
         return 0
     os.makedirs(args.workdir, exist_ok=True)
-    hf_dir, megatron_dir, prefix = prepare(args.workdir)
+    hf_dir, megatron_dir, prefix = prepare(args.workdir, args.smallest)
     rows = [("transformers + NEFTune (uniform 5)", REFERENCE, "uniform")] + [
         (f"symnoise-megatron {layout}, {kind} 5", layout, kind) for layout in args.layouts for kind in args.noise_kinds]
     runs = {name: [] for name, _, _ in rows}
@@ -225,7 +237,7 @@ def main():
             runs[name].append(run_row(args, layout, kind, hf_dir, megatron_dir, prefix))
             print(f"round {round_index + 1}: {name}: {runs[name][-1]['seconds'] / args.steps:.2f} s/step", flush=True)
     reference = runs[rows[0][0]]
-    print(f"\nSmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
+    print(f"\n{'tiny random LLaMA (smallest mode)' if args.smallest else 'SmolLM2-135M'}, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
           f"{args.global_batch_size}, micro-batch {args.micro_batch_size}, "
           f"{'packed' if args.pack_sequences else 'padded'} rows, {args.steps} timed steps after {args.warmup} "
           f"warm-up, seq {args.seq_length}, {args.rounds} interleaved rounds (medians; ratio per round against "
