@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
+from symnoise_megatron.data.microbatch import MicroBatch
 from symnoise_megatron.data.preprocess import output_paths
 
 
@@ -141,14 +141,15 @@ def collate(samples: List[Sample], seq_length: int, pad_id: int = 0) -> MicroBat
     # Padding continues the positions, so position >= length marks it for the noise.
     positions = torch.arange(seq_length).expand(rows, seq_length).clone()
     uids = torch.tensor([s.uid for s in samples], dtype=torch.int64)
-    return MicroBatch(tokens, labels, loss_mask, positions, attention_mask_from_positions(positions), uids, lengths)
+    return MicroBatch(tokens, labels, loss_mask, positions, uids, lengths)
 
 
 def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroBatch]:
     """Samples packed first-fit-decreasing into rows of ``seq_length``; one row per MicroBatch.
 
     Each sample keeps its own positions (restarting at 0), uid and length per token, targets
-    never cross into the next sample, and the attention mask is block-diagonal causal.
+    never cross into the next sample, and attention never crosses either (the local spec's mask
+    is block-diagonal causal, Transformer Engine's thd segments end at each sample).
     """
     pieces = [(sample, *_inputs(sample, seq_length)) for sample in samples]
     order = sorted(range(len(pieces)), key=lambda i: (-pieces[i][1].numel(), i))
@@ -184,8 +185,7 @@ def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroB
         if cursor < seq_length:  # tail padding: the last sample's uid, positions past its end
             positions[cursor:] = torch.arange(cursor, seq_length) - (cursor - lengths[cursor - 1])
             uids[cursor:], lengths[cursor:] = uids[cursor - 1], lengths[cursor - 1]
-        out.append(MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None],
-                              attention_mask_from_positions(positions[None]), uids[None], lengths[None]))
+        out.append(MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None], uids[None], lengths[None]))
     return out
 
 
@@ -195,5 +195,4 @@ def empty_packed_row(seq_length: int, pad_id: int = 0) -> MicroBatch:
     positions = torch.arange(seq_length)[None]
     zeros = torch.zeros((1, seq_length), dtype=torch.int64)
     return MicroBatch(torch.full((1, seq_length), pad_id, dtype=torch.int64), zeros.clone(),
-                      torch.zeros((1, seq_length)), positions, attention_mask_from_positions(positions),
-                      zeros.clone(), zeros.clone())
+                      torch.zeros((1, seq_length)), positions, zeros.clone(), zeros.clone())

@@ -87,24 +87,50 @@ def make_transformer_config(
         persist_layer_norm=False,
         # gloo matches a pair of ranks' messages in posting order; batched p2p posts them in
         # an order that swaps activations and gradients when a rank's previous and next
-        # stage are the same peer (interleaved PP 2). NCCL groups them and keeps batching.
+        # stage are the same peer (interleaved PP 2). On GPUs NCCL batches them, and
+        # interleaved PP 2 is refused below (check_p2p_exchange).
         batch_p2p_comm=on_gpu,
     )
     fields.update(overrides)
+    check_p2p_exchange(fields)
     with warnings.catch_warnings():
         # megatron-core 0.16 warns about its own default cuda_graph_scope.
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         return TransformerConfig(**fields)
 
 
-def layer_spec(model: ModelConfig, use_transformer_engine: bool):
+def check_p2p_exchange(fields: dict) -> None:
+    """Refuse interleaved pipeline stages at PP 2 with batched p2p (GPUs), as Megatron-LM does.
+
+    There a rank's previous and next stage are the same peer, and the interleaved schedule posts
+    an activation and a gradient of the same shape to it in one batch: a swap would neither fail
+    nor hang. Megatron-LM accepts the combination only with p2p overlap, which this stack does
+    not run; unbatched p2p (the CPU's) keeps the messages in posting order."""
+    interleaved = fields.get("virtual_pipeline_model_parallel_size") is not None
+    if interleaved and fields["pipeline_model_parallel_size"] == 2 and fields["batch_p2p_comm"] \
+            and not fields.get("overlap_p2p_comm"):
+        raise ValueError(
+            "--num-layers-per-virtual-pipeline-stage with --pipeline-model-parallel-size 2 is refused on GPUs: a rank's "
+            "previous and next stage are the same peer, and Megatron-LM refuses it too ('pipeline-model-parallel size "
+            "should be greater than 2 to avoid having multiple p2p sends and recvs between same 2 ranks per "
+            "communication batch'); use --pipeline-model-parallel-size 4 or more, or no interleaving")
+
+
+def layer_spec(model: ModelConfig, use_transformer_engine: bool, config: TransformerConfig, vp_stage: Optional[int] = None):
+    """This chunk's layers: Transformer Engine's spec, or megatron-core's local spec with the
+    local norm after the last layer too (megatron-core's block default is TE's norm whenever TE
+    is installed, which would leave a local-spec model partly TE)."""
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=model.traits.normalization)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    local = get_gpt_layer_local_spec(normalization=model.traits.normalization)
+    return TransformerBlockSubmodules(layer_specs=[local] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=local.submodules.input_layernorm)
 
 
 def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
@@ -153,7 +179,7 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     gpt = GPTModelForSFT(
         config=config,
-        transformer_layer_spec=layer_spec(model, use_transformer_engine),
+        transformer_layer_spec=layer_spec(model, use_transformer_engine, config, vp_stage),
         vocab_size=padded_vocab_size(
             model.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size
         ),
@@ -175,6 +201,12 @@ def build_gpt_model(
             gpt.embedding.word_embeddings, noise, config
         )
     return gpt
+
+
+def built_with_transformer_engine(chunk: torch.nn.Module) -> bool:
+    """Whether ``chunk`` (or the model chunk it wraps) has Transformer Engine's layers: its
+    attention reads no dense mask (causal by itself, cumulative lengths for packed rows)."""
+    return any(getattr(module, "packed_rows_in_thd", False) for module in chunk.modules())
 
 
 def build_model_chunks(

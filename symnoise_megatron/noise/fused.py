@@ -12,7 +12,13 @@ Uniform, bernoulli and symmetric noise are bit-identical to the reference (integ
 arithmetic, then float operations that are exact or rounded once). Gaussian noise uses
 log/sqrt/cos, whose last bit may differ between libm implementations.
 
-``TRITON_INTERPRET=1`` runs the kernel on CPU (slowly), which is how CI checks the bits.
+The noise is additive and depends on no input that carries a gradient, so the kernel runs
+inside an ``autograd.Function`` whose backward hands the gradient through unchanged: the
+embedding weight, and every layer behind it under activation recomputation, trains as on the
+reference path (a raw launch into a new tensor would leave the result without a ``grad_fn``).
+
+``TRITON_INTERPRET=1`` runs the kernel on CPU (slowly), which is how CI checks the bits and
+the gradient.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -59,10 +66,26 @@ def _alpha_on(device: torch.device, alpha: float) -> torch.Tensor:
     return torch.tensor([alpha], dtype=torch.float64, device=device)
 
 
+class _AddNoise(torch.autograd.Function):
+    """``x + noise`` where the noise is a constant of the step: d(out)/d(x) is the identity."""
+
+    @staticmethod
+    def forward(ctx, output, launch):
+        return launch(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, positions, lengths,
-                    sign=1, hidden_size=None, block: int = 1024, tokens_per_program: int = 2) -> torch.Tensor:
+                    sign=1, hidden_size=None, block: int = 1024, tokens_per_program: Optional[int] = None) -> torch.Tensor:
     """``output + embedding_noise(...)`` in one kernel launch; ``output`` is [b, s, h] (any
-    strides with a contiguous hidden dimension). Returns a new tensor of the same strides."""
+    strides with a contiguous hidden dimension). Returns a new tensor of the same strides,
+    differentiable in ``output`` (the gradient passes through unchanged).
+
+    ``tokens_per_program`` (a power of two) x ``block`` is a program's tile: 2 x 1024 on CUDA
+    (tools/bench/RESULTS.md); the interpreter pays per program, so it takes 128 tokens at once."""
     batch, seq, hidden = output.shape
     if (hidden_size or hidden) != hidden:
         raise ValueError(f"the fused kernel noises the whole hidden dimension ({hidden}), not a slice of {hidden_size}")
@@ -73,15 +96,21 @@ def add_noise_fused(output: torch.Tensor, config: NoiseConfig, sample_uids, posi
     lengths = per_token(lengths.to(device=device, dtype=torch.int64), positions)
     per_row_sign = isinstance(sign, torch.Tensor)
     signs = sign.to(device=device, dtype=torch.int64).contiguous() if per_row_sign else uids
-    result = torch.empty_like(output)
     block = min(block, 1 << (hidden - 1).bit_length())
+    if tokens_per_program is None:
+        tokens_per_program = 2 if output.is_cuda else 128
     tokens = batch * seq
     grid = (-(-tokens // tokens_per_program), -(-hidden // block))
-    _kernel()[grid](
-        output, result, uids, positions, lengths, signs, _alpha_on(device, config.alpha), counter_rng.seed_key(config.seed),
-        1 if per_row_sign else check_sign(int(sign)), tokens, seq, hidden, output.stride(0), output.stride(1),
-        result.stride(0), result.stride(1), uids.stride(0), uids.stride(1), positions.stride(0), positions.stride(1),
-        lengths.stride(0), lengths.stride(1),
-        KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, ROUNDED_PRODUCT=output.is_cuda,
-        TOKENS=tokens_per_program, BLOCK=block)
-    return result
+
+    def launch(x: torch.Tensor) -> torch.Tensor:
+        result = torch.empty_like(x)
+        _kernel()[grid](
+            x, result, uids, positions, lengths, signs, _alpha_on(device, config.alpha), counter_rng.seed_key(config.seed),
+            1 if per_row_sign else check_sign(int(sign)), tokens, seq, hidden, x.stride(0), x.stride(1),
+            result.stride(0), result.stride(1), uids.stride(0), uids.stride(1), positions.stride(0), positions.stride(1),
+            lengths.stride(0), lengths.stride(1),
+            KIND=_KINDS[config.kind], PER_ROW_SIGN=per_row_sign, ROUNDED_PRODUCT=x.is_cuda,
+            TOKENS=tokens_per_program, BLOCK=block)
+        return result
+
+    return _AddNoise.apply(output, launch)

@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places that matter for a small model:
 factory calls with ``device="cuda"`` or ``torch.cuda.current_device()``, ``Tensor.cuda()``,
-``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks, and
+``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks (and
+activation recomputation saves and restores), and
 gradient clipping's check that ``Tensor.type()`` names a CUDA tensor.
 :func:`cpu_runtime` redirects exactly those to CPU for as long as it is entered, and gives
 megatron-core's gradient-accumulation fusion a host kernel in place of apex's CUDA one.
@@ -114,6 +115,10 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
         stack.enter_context(
             mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker)
         )
+        # Activation recomputation saves and restores the CUDA generator's state around each
+        # checkpointed forward; on the host the CPU generator (saved beside it) is the only one.
+        stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(mcore_layers, "_grad_accum_fusion_available", True))
         stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", _HostWgradAccumulation,
                                               create=True))

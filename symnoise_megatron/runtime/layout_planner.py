@@ -13,6 +13,12 @@ Memory per GPU, on the busiest pipeline stage (the first: embedding plus its lay
 - logits: FP32 ``s * b * V / TP`` twice (logits and their gradient) on the last stage, every
   position counted (an upper bound: without sequence parallelism the model computes logits at
   loss tokens only, whose share the planner does not know);
+- inputs: the step's micro-batches, all moved to the device before the schedule runs (token
+  ids, labels, loss mask, positions, sample uids, lengths, loss positions: at most
+  ``INPUT_BYTES_PER_TOKEN`` a token); on megatron-core's local spec also the dense boolean
+  attention mask each in-flight micro-batch keeps for its backward (``b * s * s`` bytes, packed
+  rows; padded rows share one ``s * s``). Transformer Engine's attention reads no mask, and the
+  training loop builds none for it;
 - a fixed 5 GB for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Step time: model FLOPs of the step (6 x parameters + attention, per token, x 2 for the
@@ -44,6 +50,8 @@ from symnoise_megatron.runtime.hardware import GPU_MEMORY_GB, peak_tflops
 
 GPUS_PER_NODE = 8
 FIXED_OVERHEAD_GB = 5.0
+# int64 tokens, labels, positions, uids, lengths and loss positions, a float32 loss mask.
+INPUT_BYTES_PER_TOKEN = 6 * 8 + 4
 MIN_TOKENS_PER_CONTEXT_RANK = 2048
 # The fine-tuning loop does not split sequences across context-parallel ranks yet, so the
 # planner offers none; the memory and time model already accounts for CP (2, 4, 8).
@@ -63,6 +71,8 @@ class PlanInputs:
         pairing: ``concat`` or ``microbatch`` for symmetric noise, ``none`` for a single copy.
         mfu: model-FLOPs utilisation assumed for the step-time estimate.
         distributed_optimizer: shard optimizer state over data (and context) parallel ranks.
+        spec: ``te`` (Transformer Engine: fused attention, no mask) or ``local`` (megatron-core's
+            local spec: a dense attention mask per micro-batch in flight).
     """
 
     model: ModelConfig
@@ -78,6 +88,7 @@ class PlanInputs:
     network_gbps: float = 50.0  # per-GPU bandwidth across nodes (8 x 400 Gb/s NICs per 8 GPUs), GB/s
     distributed_optimizer: bool = True
     make_vocab_size_divisible_by: int = 128
+    spec: str = "te"
 
     @property
     def noise(self) -> NoiseConfig:
@@ -101,6 +112,8 @@ class LayoutPlan:
     total_gb: float
     step_seconds: float
     fits: bool
+    inputs_gb: float = 0.0  # in total_gb; the micro-batches and (local spec) attention masks
+
 
     @property
     def name(self) -> str:
@@ -174,13 +187,24 @@ def plan(inputs: PlanInputs, tp: int, pp: int, cp: int, dp: int) -> LayoutPlan:
     activations = per_layer_bytes * layers_per_stage * min(pp, max(1, _microbatches(inputs, dp)))
     vocab = padded_vocab_size(model.vocab_size, inputs.make_vocab_size_divisible_by, tp)
     logits = 2 * 4 * inputs.seq_length / cp * rows * vocab / tp
-    total = (weights + gradients + optimizer + activations + logits) / gb + FIXED_OVERHEAD_GB
+    held_inputs = input_bytes(inputs, pp, dp)
+    total = (weights + gradients + optimizer + activations + logits + held_inputs) / gb + FIXED_OVERHEAD_GB
     return LayoutPlan(
         tp=tp, pp=pp, cp=cp, dp=dp, parameters_per_gpu=held, weights_gb=weights / gb, gradients_gb=gradients / gb,
-        optimizer_gb=optimizer / gb, activations_gb=(activations + logits) / gb, total_gb=total,
+        optimizer_gb=optimizer / gb, activations_gb=(activations + logits) / gb, total_gb=total, inputs_gb=held_inputs / gb,
         step_seconds=(step_seconds(inputs, pp, dp) + gradient_sync_seconds(inputs, held, tp * pp * cp, dp)
                       + tensor_parallel_seconds(inputs, tp, pp, cp, dp) + pipeline_seconds(inputs, tp, pp, cp, dp)), fits=total <= USABLE_FRACTION * GPU_MEMORY_GB[inputs.gpu],
     )
+
+
+def input_bytes(inputs: PlanInputs, pp: int, dp: int) -> float:
+    """The step's micro-batches on one rank's device, and the local spec's masks in flight."""
+    tokens = inputs.global_batch_size // dp * inputs.seq_length * inputs.noise.copies
+    masks = 0.0
+    if inputs.spec == "local":
+        rows = inputs.noise.rows_per_microbatch(inputs.micro_batch_size)
+        masks = min(pp, _microbatches(inputs, dp)) * rows * inputs.seq_length ** 2
+    return tokens * INPUT_BYTES_PER_TOKEN + masks
 
 
 def _microbatches(inputs: PlanInputs, dp: int) -> int:
@@ -226,6 +250,8 @@ def ranked_plans(inputs: PlanInputs) -> List[LayoutPlan]:
     """Every valid layout; those that fit first, fastest first, then fewer model-parallel ranks."""
     if inputs.gpu not in GPU_MEMORY_GB:
         raise ValueError(f"unknown GPU {inputs.gpu!r}; known: {', '.join(GPU_MEMORY_GB)}")
+    if inputs.spec not in ("te", "local"):
+        raise ValueError(f"spec must be te or local, got {inputs.spec!r}")
     if inputs.pairing not in ("concat", "microbatch", "none"):
         raise ValueError(f"--pairing must be concat, microbatch or none, got {inputs.pairing!r}")
     plans = [plan(inputs, *layout) for layout in valid_layouts(inputs)]

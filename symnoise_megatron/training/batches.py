@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Tuple
 
 import torch
 
@@ -14,7 +15,8 @@ from symnoise_megatron.data.microbatch import MicroBatch, concatenate
 
 
 def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[MicroBatch]:
-    """The step's micro-batches cut to its longest real token, rounded up to ``multiple``.
+    """The step's micro-batches cut to its longest real token, rounded up to ``multiple`` (and
+    never past the rows' full length, itself a multiple: ``check_seq_length``).
 
     Padding only ever follows real tokens, so cutting it changes no loss and no noise; it
     saves the compute that a fixed --seq-length spends on padding (short instruction data).
@@ -24,6 +26,33 @@ def trimmed_to_longest(microbatches: List[MicroBatch], multiple: int) -> List[Mi
     full = microbatches[0].tokens.shape[1]
     length = min(full, max(multiple, -(-longest // multiple) * multiple))
     return [mb.truncated(length) for mb in microbatches] if length < full else microbatches
+
+
+def required_length_multiple(config: TrainingConfig) -> Tuple[int, List[str]]:
+    """What every row length of the run must be a multiple of, and why: sequence parallelism
+    splits the sequence over the tensor-parallel ranks, FP8 GEMMs take multiples of 16 tokens."""
+    multiple, reasons = 1, []
+    tp = config.parallelism.tensor_model_parallel_size
+    if config.parallelism.sequence_parallel and tp > 1:
+        multiple, reasons = math.lcm(multiple, tp), reasons + [f"--sequence-parallel splits it over "
+                                                               f"--tensor-model-parallel-size {tp}"]
+    if config.precision.fp8_format:
+        multiple, reasons = math.lcm(multiple, 16), reasons + ["--fp8-format's GEMMs take multiples of 16 tokens"]
+    return multiple, reasons
+
+
+def check_seq_length(config: TrainingConfig) -> int:
+    """The multiple rows are cut to, decided at start-up: a --seq-length that a step could not
+    run at is refused here, naming the flags, rather than when the data happens to fill a row.
+
+    Beyond what is required, rows on a GPU are rounded to multiples of 16 (tensor-core tiles);
+    a CPU wants no rounding (every added position costs compute)."""
+    required, reasons = required_length_multiple(config)
+    seq_length = config.data.seq_length
+    if seq_length % required:
+        raise ValueError(f"--seq-length {seq_length} must be a multiple of {required} ({'; '.join(reasons)}): "
+                         f"use {seq_length // required * required or required} or {-(-seq_length // required) * required}")
+    return math.lcm(required, 16 if torch.cuda.is_available() else 1)
 
 
 class StepBatches:
@@ -36,9 +65,8 @@ class StepBatches:
         self.pipeline_stages = config.parallelism.pipeline_model_parallel_size
         self.interleaved = bool(config.parallelism.num_layers_per_virtual_pipeline_stage)
         self.pad_id = pad_id
-        # Sequence parallelism splits the sequence over TP ranks; GPU GEMMs (FP8 above all) want
-        # multiples of 16. A CPU needs neither, and every rounded-up position costs compute.
-        self.length_multiple = (16 if torch.cuda.is_available() else 1) * config.parallelism.tensor_model_parallel_size
+        # Every trimmed length is a multiple of this, and so is --seq-length (checked here).
+        self.length_multiple = check_seq_length(config)
 
     def __call__(self, groups, indices, data) -> List[MicroBatch]:
         return trimmed_to_longest(self.full_length(groups, indices, data), self.length_multiple)

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from symnoise_megatron.data.microbatch import MicroBatch
+from symnoise_megatron.model.builder import built_with_transformer_engine
 from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
 from symnoise_megatron.model.step_inputs import step_inputs
 
@@ -29,7 +30,7 @@ def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def packs_in_thd(model, microbatch: MicroBatch) -> bool:
     """Packed rows (per-token lengths) through a chunk built with the Transformer Engine spec,
     whose attention separates samples by cumulative lengths instead of the dense mask."""
-    return microbatch.lengths.dim() == 2 and any(getattr(m, "packed_rows_in_thd", False) for m in model.modules())
+    return microbatch.packed and built_with_transformer_engine(model)
 
 
 def schedule_shape(model, microbatch: MicroBatch, rows: int):
@@ -51,9 +52,15 @@ def _check_thd_input(model, rows: int, seq: int) -> None:
 
 
 def forward_step(data_iterator: Iterator[MicroBatch], model):
-    """Run one micro-batch through this rank's model chunk; return output and loss function."""
+    """Run one micro-batch through this rank's model chunk; return output and loss function.
+
+    The micro-batch comes through ``MicroBatch.to`` (its loss positions and thd segments taken on
+    the host); the dense attention mask is built here, on the device, for the local spec only."""
     microbatch = next(data_iterator)
     if packs_in_thd(model, microbatch):
+        if microbatch.packed_segments is None:
+            raise ValueError("packed rows reach the Transformer Engine spec without their thd segments: "
+                             "move micro-batches with MicroBatch.to(device), which takes them on the host")
         # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
         # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
         rows, seq = microbatch.tokens.shape
@@ -65,7 +72,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
                 flat(microbatch.position_ids),
                 None,
                 labels=flat(microbatch.labels),
-                packed_seq_params=packed_seq_params(microbatch.position_ids, microbatch.lengths),
+                packed_seq_params=packed_seq_params(microbatch.packed_segments),
             )
         # The per-token losses come back [1, b * s]: row-major, as the loss mask flattens.
         return output, partial(token_loss, microbatch.loss_mask)
@@ -73,7 +80,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
         output = model(
             microbatch.tokens,
             microbatch.position_ids,
-            microbatch.attention_mask,
+            None if built_with_transformer_engine(model) else microbatch.attention_mask(),
             labels=microbatch.labels,
         )
     return output, partial(token_loss, microbatch.loss_mask)

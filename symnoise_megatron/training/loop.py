@@ -58,6 +58,7 @@ class Trainer:
         check_tokenizers(config.data, self.datasets.described(), tokenizer_checkpoint(config), log)
         self.parallel = parallel_layout(config, self.model_config)
         check_transformer_engine_features(config)
+        self.batches = StepBatches(config, self.datasets.pad_id)  # refuses a --seq-length a step could not run at
         check_logging_packages(config.logging)
 
         initialize_distributed(self.parallel, seed=config.optimizer.seed,
@@ -85,7 +86,6 @@ class Trainer:
             self.train_iters - self.iteration) * config.optimizer.global_batch_size)
         if blend:
             log(blend)
-        self.batches = StepBatches(config, self.datasets.pad_id)
         self.metrics = MetricsSink(config, self.model_config, log)
         self.stop = StopConditions(config.checkpoint, self.device)
         self.skipped_iterations = 0

@@ -1,9 +1,11 @@
 """The Transformer Engine device stages' pure parts, and that they skip cleanly without a GPU."""
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,17 +92,87 @@ def test_bench_means_numbers_and_keeps_labels():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 def test_device_session_skips_the_te_stages_without_a_gpu(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    result = subprocess.run(["bash", "tools/bench/device_session.sh", "te", "te_parity", "fp8_noise", "step_bench"],
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("DEVICE_DRY_RUN", None)
+    result = subprocess.run(["bash", "tools/bench/device_session.sh", "te", "te_step", "te_parity", "fp8_noise", "step_bench"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "te_smoke: SKIPPED, no CUDA device" in (tmp_path / "te.log").read_text()
-    for name in ("te_parity", "fp8_noise", "step_bench"):
+    for name in ("te_step", "te_parity", "fp8_noise", "step_bench"):
         assert f"== {name} skipped: the te stage did not pass" in result.stdout
-    for script in ("te_parity.py", "fp8_noise_te.py", "bench_train_step_gpu.py"):
+    for script in ("te_step.py", "te_parity.py", "fp8_noise_te.py", "bench_train_step_gpu.py"):
         ran = subprocess.run([sys.executable, f"tools/bench/{script}"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert ran.returncode == te_results.SKIPPED == 0 and "SKIPPED" in ran.stdout, script
+
+
+def test_the_device_plan_fits_one_call():
+    """Issue 24: the default stages' limits add up to at most 540 s (a call may run 600 s, and the
+    wheels install before the stages), in the issue's order."""
+    import re
+
+    script = open(os.path.join(ROOT, "tools", "bench", "device_session.sh")).read()
+    default = re.search(r"stages=\((env[^)]*)\)", script).group(1).split()
+    assert default == ["env", "te", "te_step", "fp8_noise", "te_parity", "step_bench"]
+    limits = {name: int(limit) for name, limit in re.findall(r"stage (\w+) (\d+) ", script)}
+    assert sum(limits[name] for name in default) <= 540, limits
+    assert 'run(carry=[".whl", ".te"], timeout_s=600, command="bash tools/bench/device_session.sh")' in script
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU's")
+def test_the_dry_run_runs_every_stage_of_the_plan_on_the_cpu(tmp_path):
+    """DEVICE_DRY_RUN=1: every stage's own Python at its smallest shapes, so a script error shows
+    here rather than in the GPU's minutes. Each stage writes its JSON (to $OUT only)."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEVICE_DRY_RUN="1")
+    result = subprocess.run(["bash", "tools/bench/device_session.sh"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    for name in ("env", "te", "te_step", "fp8_noise", "te_parity", "step_bench"):
+        assert f"== {name} rc=0" in result.stdout, name
+    assert "megatron-core" in (tmp_path / "env.log").read_text()
+    written = {name: json.loads((tmp_path / name).read_text())
+               for name in ("te_step.json", "fp8_noise_te.json", "te_parity.json", "te_step_bench.json")}
+    assert written["te_step.json"]["passed"] and written["te_step.json"]["dry_run"]
+    assert len(written["te_step.json"]["steps"]) == 2
+    assert written["te_parity.json"]["complete"] and written["te_parity.json"]["dry_run"]
+    assert set(written["te_parity.json"]["checks"]) == {"logits", "packed_sample_loss", "train_loss_padded",
+                                                         "train_loss_packed", "noise_gradients"}
+    assert {(r["precision"], r["noise"], r["pairing"]) for r in written["te_step_bench.json"]} == {
+        ("bf16", "none", "none"), ("bf16", "uniform", "none"), ("bf16", "symmetric", "concat"),
+        ("bf16", "symmetric", "microbatch")}
+    assert written["fp8_noise_te.json"]["dry_run"] and written["fp8_noise_te.json"]["rows"]
+    # A dry run never touches the measured figures in the repository.
+    for path in Path(te_results.RESULTS_DIR).glob("*.json"):
+        payload = json.loads(path.read_text())
+        rows = payload if isinstance(payload, list) else [payload]
+        assert not any(row.get("dry_run") is True or row.get("device") == "cpu" for row in rows), path
+
+
+def test_the_step_bench_measures_the_goals_first_and_stops_within_its_budget():
+    from tools.bench.bench_train_step_gpu import expected_seconds, ordered_settings
+
+    order = ordered_settings(["bf16", "fp8-tensorwise", "fp8-delayed"],
+                             ["none:none", "uniform:none", "symmetric:concat", "symmetric:microbatch"])
+    assert order[:4] == [("bf16", "none", "none"), ("bf16", "symmetric", "concat"), ("fp8-tensorwise", "none", "none"),
+                         ("fp8-tensorwise", "symmetric", "concat")]
+    assert len(order) == 12 and len(set(order)) == 12
+    assert ordered_settings(["bf16"], ["uniform:none"]) == [("bf16", "uniform", "none")]
+    walls = {("bf16", "none", "none"): 20.0}
+    assert expected_seconds(walls, "symmetric") == 40.0 and expected_seconds(walls, "uniform") == 20.0
+    walls[("bf16", "symmetric", "concat")] = 30.0
+    assert expected_seconds(walls, "symmetric") == 30.0
+
+
+def test_te_parity_fails_the_noise_check_when_the_kernel_never_ran():
+    from tools.bench.te_parity import checks_of
+
+    ran = {"noise_gradients": {"noise_gradients": 0.0, "fused_kernel_calls": 2, "dry_run": False}}
+    assert checks_of(ran)["noise_gradients"]["passed"]
+    bypassed = {"noise_gradients": {"noise_gradients": 0.0, "fused_kernel_calls": 0, "dry_run": False}}
+    assert not checks_of(bypassed)["noise_gradients"]["passed"]
+    cut = {"noise_gradients": {"noise_gradients": 1.0, "fused_kernel_calls": 2, "dry_run": False}}
+    assert not checks_of(cut)["noise_gradients"]["passed"]  # a zero gradient on the fused path
 
 
 def test_rows_of_a_later_call_replace_only_the_settings_it_measured():

@@ -153,7 +153,7 @@ def losses_packed_and_unpacked(prefix):
         for training in (True, False):
             model.train(training)
             with torch.no_grad(), step_inputs(model, batch.noise_batch()):
-                loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+                loss = model(batch.tokens, batch.position_ids, batch.attention_mask(), labels=batch.labels)
             for uid in {int(u) for u in batch.sample_uids.flatten()}:
                 where = (batch.sample_uids == uid) if batch.sample_uids.dim() == 2 else (batch.sample_uids == uid)[:, None].expand_as(loss)
                 per_uid[(uid, training)] = float((loss * batch.loss_mask * where).sum())

@@ -26,7 +26,7 @@ RUNS = {
 
 
 def microbatches():
-    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch
 
     generator = torch.Generator().manual_seed(1)
     out = []
@@ -37,8 +37,7 @@ def microbatches():
         loss_mask = (positions < lengths[:, None]).float()
         uids = torch.arange(index * MICRO_BATCH, (index + 1) * MICRO_BATCH)
         out.append(
-            MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions,
-                       attention_mask_from_positions(positions), uids, lengths)
+            MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions, uids, lengths)
         )
     return out
 

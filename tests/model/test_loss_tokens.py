@@ -23,7 +23,7 @@ ARCHITECTURES = {
 
 def microbatches():
     """Prompts of 4-6 tokens, responses to each sample's length; the last micro-batch is all prompt."""
-    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch
 
     generator = torch.Generator().manual_seed(3)
     out = []
@@ -33,8 +33,7 @@ def microbatches():
         lengths = torch.tensor(lengths)
         loss_mask = ((positions >= torch.tensor(prompt)[:, None]) & (positions < lengths[:, None])).float()
         uids = torch.arange(index * MICRO_BATCH, (index + 1) * MICRO_BATCH)
-        out.append(MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions,
-                              attention_mask_from_positions(positions), uids, lengths))
+        out.append(MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions, uids, lengths))
     return out
 
 
@@ -45,7 +44,7 @@ def full_output_layer_step(data_iterator, model):
 
     microbatch = next(data_iterator)
     with step_inputs(model, microbatch.noise_batch()):
-        output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask, labels=microbatch.labels)
+        output = model(microbatch.tokens, microbatch.position_ids, microbatch.attention_mask(), labels=microbatch.labels)
     return output, partial(token_loss, microbatch.loss_mask)
 
 
@@ -91,7 +90,7 @@ def train_both_ways():
             with torch.no_grad():
                 mb = microbatches()[0]
                 model.eval()
-                results[(arch, "logits")] = model(mb.tokens, mb.position_ids, mb.attention_mask).shape
+                results[(arch, "logits")] = model(mb.tokens, mb.position_ids, mb.attention_mask()).shape
     return results
 
 

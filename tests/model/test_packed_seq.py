@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from symnoise_megatron.data.microbatch import concatenate
+from symnoise_megatron.data.microbatch import attention_mask_from_positions, concatenate, thd_segments
 from symnoise_megatron.data.sft_dataset import Sample, collate, empty_packed_row, pack
-from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions, thd_segments
+from symnoise_megatron.model.packed_seq import packed_seq_params, thd_loss_positions
 from symnoise_megatron.training.forward_step import forward_step
 
 SEQ = 8
@@ -64,8 +64,8 @@ def test_inconsistent_rows_are_refused():
 
 
 def test_megatron_packed_seq_params():
-    mb = concatenate(packed_rows())
-    params = packed_seq_params(mb.position_ids, mb.lengths)
+    mb = concatenate(packed_rows()).to("cpu")
+    params = packed_seq_params(mb.packed_segments)
     assert params.qkv_format == "thd"
     assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 5, 8, 10, 14]
     assert params.cu_seqlens_q_padded.tolist() == params.cu_seqlens_kv_padded.tolist() == [0, 5, 8, 10, 16]
@@ -94,8 +94,8 @@ class RecordingModel(torch.nn.Module):
 
 
 def test_the_forward_step_passes_thd_params_only_on_the_transformer_engine_path():
-    packed = concatenate(packed_rows()).doubled()
-    padded = collate([sample(0, 5), sample(1, 3)], SEQ)
+    packed = concatenate(packed_rows()).doubled().to("cpu")
+    padded = collate([sample(0, 5), sample(1, 3)], SEQ).to("cpu")
     te, local = RecordingModel(True), RecordingModel(False)
     losses = {}
     for name, model, mb in (("te_packed", te, packed), ("local_packed", local, packed), ("te_padded", te, padded)):
@@ -108,11 +108,12 @@ def test_the_forward_step_passes_thd_params_only_on_the_transformer_engine_path(
     params = te_packed["packed_seq_params"]
     assert params.cu_seqlens_q.tolist() == [0, 5, 8, 10, 14, 19, 22, 24, 28]
     assert params.cu_seqlens_q_padded.tolist() == [0, 5, 8, 10, 16, 21, 24, 26, 32]
-    # Without packing TE's causal attention is exact on padded rows: no thd.
+    # Without packing TE's causal attention is exact on padded rows: no thd, and no mask either.
     assert "packed_seq_params" not in te_padded and te_padded["tokens"].shape == (2, SEQ)
+    assert te_padded["attention_mask"] is None
     (local_packed,) = local.calls
     assert "packed_seq_params" not in local_packed and local_packed["tokens"].shape == (4, SEQ)
-    assert torch.equal(local_packed["attention_mask"], packed.attention_mask)
+    assert torch.equal(local_packed["attention_mask"], attention_mask_from_positions(packed.position_ids))
     # The loss adds the same tokens' losses whichever layout the model saw.
     flat_index = torch.arange(packed.tokens.numel(), dtype=torch.float32)
     assert float(losses["te_packed"]) == float((flat_index * packed.loss_mask.reshape(-1)).sum())
@@ -128,3 +129,48 @@ def test_the_pipeline_schedule_passes_packed_rows_on_the_thd_path_as_one_row():
     assert schedule_shape(RecordingModel(True), packed, rows=4) == (4 * SEQ, 1)
     assert schedule_shape(RecordingModel(False), packed, rows=4) == (SEQ, 4)
     assert schedule_shape(RecordingModel(True), padded, rows=2) == (SEQ, 2)
+
+
+def test_the_host_takes_the_thd_segments_and_the_forward_step_reads_no_device_tensor_back(monkeypatch):
+    """Issue 24: the boundaries are computed once, on the host, when the micro-batch moves; the
+    forward step of every stage only hands them over (no .to("cpu") of device tensors)."""
+    from symnoise_megatron.data import microbatch as microbatch_module
+
+    packed = concatenate(packed_rows() + [empty_packed_row(SEQ)]).doubled()
+    moved = packed.to("cpu")
+    expected = thd_segments(packed.position_ids, packed.lengths)
+    assert moved.packed_segments.cu_seqlens.tolist() == expected.cu_seqlens.tolist() == [0, 5, 8, 10, 14, 14, 19, 22, 24, 28, 28]
+    assert moved.packed_segments.cu_seqlens_padded.tolist() == expected.cu_seqlens_padded.tolist()
+    assert collate([sample(0, 5)], SEQ).to("cpu").packed_segments is None  # padded rows need none
+    assert moved.truncated(6).packed_segments is None  # cut rows have other boundaries
+    model = RecordingModel(True)
+    monkeypatch.setattr(microbatch_module, "thd_segments", lambda *a: pytest.fail("segments computed in the step"))
+
+    def read_back(name):
+        return lambda *a, **k: pytest.fail(f"Tensor.{name} in the step: the host waits on the device")
+
+    # What reads a device tensor back on the host: none of it may run in the step.
+    for name in ("__bool__", "item", "tolist", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, read_back(name))
+    move = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: read_back("to('cpu')")() if "cpu" in map(str, (
+        *a, *k.values())) else move(self, *a, **k))
+    forward_step(iter([moved]), model)
+    monkeypatch.undo()
+    assert model.calls[0]["packed_seq_params"].cu_seqlens_q is moved.packed_segments.cu_seqlens
+    with pytest.raises(ValueError, match="MicroBatch.to"):
+        forward_step(iter([packed]), model)
+    with pytest.raises(ValueError, match="host tensors"):
+        thd_segments(packed.position_ids.to("meta"), packed.lengths)
+
+
+def test_the_local_spec_gets_one_causal_mask_for_padded_rows_and_block_masks_for_packed_ones():
+    padded = collate([sample(0, 5), sample(1, 3)], SEQ)
+    packed = concatenate(packed_rows())
+    assert padded.attention_mask().shape == (1, 1, SEQ, SEQ)
+    assert torch.equal(padded.attention_mask()[0, 0], ~torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    # Row 0 packs uid 0 (5 tokens) then uid 2 (3): token 5 starts a sample and sees only itself.
+    mask = packed.attention_mask()
+    assert mask.shape == (2, 1, SEQ, SEQ)
+    assert mask[0, 0, 5].tolist() == [True] * 5 + [False] + [True] * 2
+    assert mask[0, 0, 4].tolist() == [False] * 5 + [True] * 3

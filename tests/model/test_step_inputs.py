@@ -12,7 +12,7 @@ VOCAB, SEQ, ROWS = 128, 16, 2
 
 
 def state_around_a_forward_step():
-    from symnoise_megatron.data.microbatch import MicroBatch, attention_mask_from_positions
+    from symnoise_megatron.data.microbatch import MicroBatch
     from symnoise_megatron.model.builder import build_gpt_model, make_transformer_config
     from symnoise_megatron.model.config import ModelConfig
     from symnoise_megatron.model.parallelism import ParallelConfig
@@ -29,8 +29,8 @@ def state_around_a_forward_step():
     tokens = torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(SEQ).expand(ROWS, SEQ).clone()
     loss_mask = (positions >= 4).float()
-    microbatch = MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions,
-                            attention_mask_from_positions(positions), torch.arange(ROWS), torch.full((ROWS,), SEQ))
+    microbatch = MicroBatch(tokens, torch.roll(tokens, -1, 1), loss_mask, positions, torch.arange(ROWS),
+                            torch.full((ROWS,), SEQ))
     embedding = noisy_embeddings(model)[0]
     outputs = []
     embedding.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().clone()))
@@ -41,7 +41,7 @@ def state_around_a_forward_step():
     after = {"noise_batch": embedding.noise_batch, "loss_positions": model.loss_positions,
              "noised": not torch.allclose(outputs[0], torch.nn.functional.embedding(tokens, embedding.weight))}
     try:
-        model(tokens, positions, microbatch.attention_mask, labels=microbatch.labels)
+        model(tokens, positions, microbatch.attention_mask(), labels=microbatch.labels)
         after["second_forward"] = "ran"
     except RuntimeError as error:
         after["second_forward"] = str(error)

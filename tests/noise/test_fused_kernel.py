@@ -79,7 +79,20 @@ def test_interpreter_refuses_bfloat16_rather_than_computing_garbage():
     assert fused_noise_usable(torch.zeros(2, 3, 8))
 
 
-def embed_both_ways(sequence_parallel):
+KINDS = ("uniform", "bernoulli", "symmetric", "gaussian")
+# The sign of a micro-batch: ``microbatch`` pairing's -1 copy (one sign for the whole micro-batch),
+# ``concat``'s per-row signs.
+SIGNS = {"microbatch": -1, "concat": torch.tensor([1, -1])}
+# padded rows, packed rows, and packed rows laid end to end ([1, b * s], Transformer Engine's thd path)
+ROWS = ("padded", "packed", "packed_end_to_end")
+
+
+def fused_and_reference_embeddings():
+    """On each layout (TP 2, TP 2 + SP) and dtype, for every row layout and sign: the noisy
+    output and the embedding weight's gradient of the fused path and of the torch reference,
+    under the same upstream gradient. The kinds take turns (every kind meets every layout, dtype,
+    row layout and sign across the groups): each interpreted launch costs a tenth of a second."""
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
     from symnoise_megatron.model.builder import make_transformer_config
@@ -88,26 +101,52 @@ def embed_both_ways(sequence_parallel):
     from symnoise_megatron.noise.embedding import NoiseBatch, NoisyVocabParallelEmbedding, set_noise_batch
     from symnoise_megatron.runtime.parallel import initialize_distributed
 
-    parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
-    initialize_distributed(parallel)
-    config = make_transformer_config(ModelConfig(hidden_size=48, num_attention_heads=4, vocab_size=64), parallel)
-    torch.manual_seed(5)
-    plain = VocabParallelEmbedding(64, 48, init_method=torch.nn.init.normal_,
-                                   reduce_scatter_embeddings=sequence_parallel, config=config)
-    noisy = NoisyVocabParallelEmbedding.replacing(plain, NoiseConfig("symmetric", alpha=5.0, seed=1), config)
-    noisy.train()
-    uids, positions, lengths = batch(True, rows=2, seq=12)
-    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
-    set_noise_batch(noisy, NoiseBatch(uids, positions, lengths, torch.tensor([1, -1])))
-    outputs = []
-    for fused in (True, False):
-        noisy.use_fused_noise = fused
-        outputs.append(noisy(tokens))
-    return outputs
+    results, turn = {}, 0
+    for sequence_parallel in (False, True):
+        parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+        initialize_distributed(parallel)
+        for dtype in (torch.float32, torch.float16):
+            config = make_transformer_config(ModelConfig(hidden_size=48, num_attention_heads=4, vocab_size=64), parallel,
+                                             params_dtype=dtype)
+            torch.manual_seed(5)
+            plain = VocabParallelEmbedding(64, 48, init_method=torch.nn.init.normal_,
+                                           reduce_scatter_embeddings=sequence_parallel, config=config)
+            for rows in ROWS:
+                uids, positions, lengths = batch(rows != "padded", rows=2, seq=12)
+                tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+                if rows == "packed_end_to_end":
+                    tokens = tokens.reshape(1, 24)
+                for sign_name, sign in SIGNS.items():
+                    kind = KINDS[turn % len(KINDS)]
+                    turn += 1
+                    noisy = NoisyVocabParallelEmbedding.replacing(plain, NoiseConfig(kind, alpha=5.0, seed=1), config)
+                    noisy.train()
+                    set_noise_batch(noisy, NoiseBatch(uids, positions, lengths, sign))
+                    runs = []
+                    for fused in (True, False):
+                        noisy.use_fused_noise = fused
+                        noisy.weight.grad = None
+                        output = noisy(tokens)
+                        upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+                        (output.float() * upstream.float()).sum().backward()
+                        runs.append((output.detach().clone(), noisy.weight.grad.clone()))
+                    key = ("tp2_sp" if sequence_parallel else "tp2", str(dtype).split(".")[1], kind, rows, sign_name)
+                    results[key] = runs
+        parallel_state.destroy_model_parallel()
+    return results
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
-def test_the_embedding_adds_the_same_noise_with_the_kernel(sequence_parallel):
-    for fused, reference in run_distributed(embed_both_ways, 2, sequence_parallel):
-        assert torch.equal(fused, reference)
+def test_the_kernel_noises_and_trains_the_embedding_as_the_reference_does():
+    """Issue 24: the fused path must add the reference's noise and pass the embedding its gradient
+    (a raw launch left the output without a grad_fn: on CUDA the word embeddings never trained)."""
+    for rank_results in run_distributed(fused_and_reference_embeddings, 2):
+        assert len(rank_results) == 2 * 2 * len(ROWS) * len(SIGNS)
+        assert {key[2] for key in rank_results} == set(KINDS)
+        for key, ((fused_out, fused_grad), (reference_out, reference_grad)) in rank_results.items():
+            if key[2] == "gaussian":  # libm's last bits, as in test_kernel_gives_the_reference_bits
+                torch.testing.assert_close(fused_out.float(), reference_out.float(), rtol=0, atol=8e-3)
+            else:
+                assert torch.equal(fused_out, reference_out), key
+            assert torch.equal(fused_grad, reference_grad), key
+            assert fused_grad.abs().sum() > 0, key

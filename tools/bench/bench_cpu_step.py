@@ -12,7 +12,10 @@ transformers pads each batch to its longest sample and adds NEFTune's uniform no
 its own hook. Throughput counts real
 (non-padding) data tokens, so packing and padding waste count against whichever side has
 them. The first --warmup steps are not timed. `uniform` is the like-for-like row (NEFTune);
-`symmetric` runs both copies of every sample, twice the work per data token.
+`symmetric` runs both copies of every sample, twice the work per data token. A row whose
+process fails stops the bench with that process's last lines of output. ``--smallest``: a tiny
+random LLaMA with the bundled tokenizer (tools/make_tiny_llama.py) in place of SmolLM2, one
+round of one step, TP 1, uniform, two short samples (CI runs it: the bench keeps working).
 """
 
 import argparse
@@ -32,18 +35,26 @@ LAYOUTS = {  # name: (tensor parallel, pipeline parallel)
 }
 
 
-def prepare(workdir):
-    """SmolLM2 (HF and converted) and the bundled set preprocessed for it; reused when present."""
+def prepare(workdir, smallest=False):
+    """SmolLM2 (HF and converted) and the bundled set preprocessed for it; reused when present.
+    ``smallest``: a tiny random LLaMA with the bundled SentencePiece tokenizer instead."""
     from symnoise_megatron.checkpoint.gguf import materialize
     from symnoise_megatron.data import BUNDLED_INSTRUCTIONS
     from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
     from symnoise_megatron.data.tokenizer import TokenizerSpec
 
-    hf_dir = materialize("smollm2-135m-instruct", os.environ.get("SYMNOISE_CACHE") or os.path.join(workdir, "cache"))
-    megatron_dir, prefix = os.path.join(workdir, "smollm2-megatron"), os.path.join(workdir, "data", "bundled")
+    name = "tiny" if smallest else "smollm2"
+    if smallest:
+        hf_dir = os.path.join(workdir, "tiny-hf")
+        if not os.path.exists(os.path.join(hf_dir, "config.json")):
+            subprocess.run([sys.executable, "tools/make_tiny_llama.py", "--save-dir", hf_dir, "--hidden-size", "64",
+                            "--num-layers", "2"], check=True, stdout=subprocess.DEVNULL)
+    else:
+        hf_dir = materialize("smollm2-135m-instruct", os.environ.get("SYMNOISE_CACHE") or os.path.join(workdir, "cache"))
+    megatron_dir, prefix = os.path.join(workdir, f"{name}-megatron"), os.path.join(workdir, "data", f"bundled_{name}")
     if not os.path.exists(prefix + "_tokens.bin"):
         preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(directory=hf_dir),
-                                    prompt_template="chatml", seq_length=257, progress=False))
+                                    prompt_template="alpaca" if smallest else "chatml", seq_length=257, progress=False))
     if not os.path.exists(os.path.join(megatron_dir, "latest_checkpointed_iteration.txt")):
         subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--load-dir", hf_dir,
                         "--save-dir", megatron_dir, "--no-progress"], check=True)
@@ -115,8 +126,10 @@ def transformers_reference(args, hf_dir, prefix):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
     config = training_config(args, None, prefix, "uniform")
     data = SFTIndexedData(prefix)
-    train, _, _ = split_indices(len(data), config.split_weights, config.seed)
-    sampler = GlobalBatchSampler(SampleOrder(len(train), config.seed), config.global_batch_size, config.micro_batch_size)
+    seed = config.optimizer.seed
+    train, _, _ = split_indices(len(data), config.data.split_weights, seed)
+    sampler = GlobalBatchSampler(SampleOrder(len(train), seed), config.optimizer.global_batch_size,
+                                 config.optimizer.micro_batch_size)
     pad = data.meta["tokenizer"]["eos_id"]
     times, tokens, losses = [], 0, []
     for step in range(args.warmup + args.steps):
@@ -147,6 +160,8 @@ def transformers_reference(args, hf_dir, prefix):
 
 
 REFERENCE = "transformers"
+SMALLEST = dict(steps=1, warmup=0, rounds=1, layouts=["tp1"], noise_kinds=["uniform"], global_batch_size=2,
+                micro_batch_size=2, seq_length=64, threads=1)
 
 
 def run_row(args, layout, noise_kind, hf_dir, megatron_dir, prefix):
@@ -158,7 +173,11 @@ def run_row(args, layout, noise_kind, hf_dir, megatron_dir, prefix):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp)]
     command = launcher + [__file__, "--worker", "--layout", layout, "--noise-kind", noise_kind, "--hf-dir", hf_dir,
                           "--megatron-dir", megatron_dir, "--data-prefix", prefix, "--result", result] + forwarded(args)
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-25:])
+        raise SystemExit(f"{tail}\nbench_cpu_step: the {layout} {noise_kind} row failed (exit {done.returncode}); "
+                         f"its last lines are above")
     with open(result) as handle:
         return json.load(handle)
 
@@ -185,6 +204,10 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--noise-kinds", nargs="+", default=["uniform", "symmetric"], choices=["uniform", "symmetric"])
     parser.add_argument("--rounds", type=int, default=3, help="every row this many times, interleaved")
+    parser.add_argument("--smallest", action="store_true",
+                        help="a tiny random LLaMA instead of SmolLM2 and, for the options not given, one round of one "
+                             "step (no warm-up), TP 1, uniform noise, global batch 2 of rows of 64 (CI runs it; the "
+                             "figures mean nothing)")
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", help=argparse.SUPPRESS)
@@ -193,6 +216,10 @@ def main():
     parser.add_argument("--data-prefix", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smallest:  # the smallest value of every option left at its default
+        for name, value in SMALLEST.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     if args.worker:
         if args.layout == REFERENCE:
             with open(args.result, "w") as handle:
@@ -201,7 +228,7 @@ def main():
             worker(args)
         return 0
     os.makedirs(args.workdir, exist_ok=True)
-    hf_dir, megatron_dir, prefix = prepare(args.workdir)
+    hf_dir, megatron_dir, prefix = prepare(args.workdir, args.smallest)
     rows = [("transformers + NEFTune (uniform 5)", REFERENCE, "uniform")] + [
         (f"symnoise-megatron {layout}, {kind} 5", layout, kind) for layout in args.layouts for kind in args.noise_kinds]
     runs = {name: [] for name, _, _ in rows}
@@ -210,7 +237,7 @@ def main():
             runs[name].append(run_row(args, layout, kind, hf_dir, megatron_dir, prefix))
             print(f"round {round_index + 1}: {name}: {runs[name][-1]['seconds'] / args.steps:.2f} s/step", flush=True)
     reference = runs[rows[0][0]]
-    print(f"\nSmolLM2-135M, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
+    print(f"\n{'tiny random LLaMA (smallest mode)' if args.smallest else 'SmolLM2-135M'}, fp32, {os.cpu_count()} CPU cores, {args.threads} threads per row, global batch "
           f"{args.global_batch_size}, micro-batch {args.micro_batch_size}, "
           f"{'packed' if args.pack_sequences else 'padded'} rows, {args.steps} timed steps after {args.warmup} "
           f"warm-up, seq {args.seq_length}, {args.rounds} interleaved rounds (medians; ratio per round against "

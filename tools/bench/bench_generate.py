@@ -14,7 +14,8 @@ Where an answer differs from batch 1's, the first differing token is explained: 
 model is run on that answer's common prefix alone and with the left padding it had in its
 batch, and the report gives both runs' two best tokens and logit margins and the largest
 logit difference between them (padding changes the float order of the reductions, so a
-near-tie can flip).
+near-tie can flip). ``--smallest``: two of the bundled instructions, two new tokens, batches of 1
+and 2 (CI runs it; the figures mean nothing).
 """
 
 import argparse
@@ -54,7 +55,7 @@ def explain(generator, prompt, batch_prompts, common, batch_token, single_token)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", help="default: the materialised SmolLM2-135M-Instruct")
-    parser.add_argument("--prompts", required=True, help="AlpacaEval's prompt file")
+    parser.add_argument("--prompts", help="AlpacaEval's prompt file (required unless --smallest)")
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -64,7 +65,15 @@ def main(argv=None):
                         help="torch threads (default 1: on a loaded shared machine two spinning threads were 7x "
                              "slower per token than one)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smallest", action="store_true", help="two bundled instructions, two new tokens, batches of "
+                        "1 and 2 (CI runs it; the figures mean nothing)")
     args = parser.parse_args(argv)
+    if args.smallest:
+        from symnoise_megatron.data import BUNDLED_INSTRUCTIONS
+
+        args.prompts, args.count, args.max_new_tokens, args.batch_sizes = BUNDLED_INSTRUCTIONS, 2, 2, [1, 2]
+    elif not args.prompts:
+        parser.error("--prompts is required (AlpacaEval's prompt file)")
     torch.set_num_threads(args.threads)
     hf_dir = args.hf_dir
     if not hf_dir:

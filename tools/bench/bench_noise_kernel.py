@@ -8,21 +8,42 @@ bandwidth, and time against the unfused torch reference, in one run.
 For each shape: the kernel reads x and writes x + noise (2 x b x s x h x bytes moved; the
 per-token key and scale are negligible); ``copy`` is ``out.copy_(x)`` on the same tensors,
 the best a one-pass elementwise kernel can do. Goal (issue 7): kernel bandwidth >= 85% of copy.
-Needs CUDA and Triton; prints why not otherwise.
+Needs CUDA and Triton; prints why not otherwise. ``--smallest``: one small float32 shape under
+Triton's interpreter on the CPU, host timers (the dry run: the script's code runs, the figures
+mean nothing).
 """
 
 import argparse
+import os
+import statistics
 import sys
+import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from te_results import add_smallest_flag  # noqa: E402
 
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.noise.embedding_noise import embedding_noise
 from symnoise_megatron.noise.fused import add_noise_fused, triton_available
 
 
+def host_time(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` on the host (the interpreter's dry run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def cuda_time(fn, repeats: int) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs, after warm-up, host launch cost included."""
+    if not torch.cuda.is_available():
+        return host_time(fn, repeats)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -41,6 +62,8 @@ def graph_time(fn, repeats: int, calls: int = 20) -> float:
     """Median device seconds of one ``fn`` call: ``calls`` calls captured in a CUDA graph and
     replayed, so the host's launch cost (paid once per micro-batch in training, hidden behind
     the GPU's queue) stays out of the bandwidth."""
+    if not torch.cuda.is_available():
+        return host_time(fn, repeats)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -68,24 +91,32 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--tiles", nargs="+", default=["4x1024"],
                         help="TOKENSxBLOCK tiles per program to compare (add_noise_fused's tokens_per_program, block)")
+    add_smallest_flag(parser)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or not triton_available():
+    device = "cuda"
+    if args.smallest and triton_available():
+        # Before the kernel is first imported: triton.jit reads it when it decorates.
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.tokens, args.hidden, args.dtype, args.kinds, args.repeats = [256], [64], "float32", ["symmetric"], 2
+        args.tiles, device = ["128x64"], "cpu"
+    elif not torch.cuda.is_available() or not triton_available():
         print("needs a CUDA device and Triton (the kernel's bits are checked on CPU by tests/noise/test_fused_kernel.py)")
         return 1
     dtype = getattr(torch, args.dtype)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}\n")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton's interpreter (dry run)"
+    print(f"{name}, torch {torch.__version__}, {args.dtype}\n")
     print("Device time from CUDA-graph replays; 'per call' adds the host's launch cost (eager).\n")
     print("| kind | tokens | hidden | tile | copy GB/s | kernel GB/s | kernel / copy | reference ms | kernel ms | speed-up | per call ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         for hidden in args.hidden:
             rows, seq = max(1, tokens // 4096), min(tokens, 4096)
-            x = torch.randn(rows, seq, hidden, device="cuda", dtype=dtype)
+            x = torch.randn(rows, seq, hidden, device=device, dtype=dtype)
             out = torch.empty_like(x)
-            positions = torch.arange(seq, device="cuda").expand(rows, seq)
-            lengths = torch.full((rows,), seq, device="cuda")
-            uids = torch.arange(rows, device="cuda")
-            sign = torch.ones(rows, dtype=torch.int64, device="cuda")
+            positions = torch.arange(seq, device=device).expand(rows, seq)
+            lengths = torch.full((rows,), seq, device=device)
+            uids = torch.arange(rows, device=device)
+            sign = torch.ones(rows, dtype=torch.int64, device=device)
             moved = 2 * x.numel() * x.element_size()
             copy = graph_time(lambda: out.copy_(x), args.repeats)
             for kind in args.kinds:

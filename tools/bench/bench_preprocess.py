@@ -17,7 +17,8 @@ fresh processes (interpreter start-up and imports included in the wall time):
 The rounds are interleaved (ours, theirs, ours, ...) so load drifts hit both alike. Printed:
 wall tokens/s per run, the median ratio ours / Megatron-LM at each worker count, and the
 scaling of our tool from the fewest to the most workers given (meaningful only on a machine
-with at least as many cores as the largest worker count).
+with at least as many cores as the largest worker count). ``--smallest``: the bundled set once,
+a 400-piece tokenizer, one round with one worker, no Megatron-LM (CI runs it).
 """
 
 import argparse
@@ -139,7 +140,14 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--smallest", action="store_true", help="the bundled set once, a 400-piece tokenizer, one round "
+                        "of one worker, this project's tool only (CI runs it; the figures mean nothing)")
     args = parser.parse_args()
+    if args.smallest:
+        from symnoise_megatron.data import BUNDLED_INSTRUCTIONS
+
+        args.data, args.repeat, args.vocab_size, args.workers, args.rounds = BUNDLED_INSTRUCTIONS, 1, 400, [1], 1
+        args.megatron_lm = None
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)

@@ -16,7 +16,9 @@ Per row: the share of elements where the two copies quantize to different values
 cosine between the quantized and the exact (float32) difference of the normalised copies;
 the same after BF16 alone (no FP8), and the CPU simulation's figures
 (symnoise_megatron.noise.fp8_resolution.simulate) for the same rows and noise. Writes
-tools/bench/results/fp8_noise_te.json (and $OUT/fp8_noise_te.json). SKIPPED without CUDA/TE.
+tools/bench/results/fp8_noise_te.json (and $OUT/fp8_noise_te.json) after every (L, alpha).
+SKIPPED without CUDA/TE. ``--smallest``: 16 rows of width 128 on the CPU, torch's E4M3 round
+trip and RMSNorm standing in for TE's (the dry run).
 """
 
 import argparse
@@ -27,7 +29,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from te_results import SKIPPED, copies_differ_and_kept, device_name, needs_cuda_and_te, versions, write_json  # noqa: E402
+from te_results import (  # noqa: E402
+    add_smallest_flag, copies_differ_and_kept, device_name, stage_device, versions, write_json,
+)
 
 E4M3_MAX = 448.0
 
@@ -61,14 +65,23 @@ def round_trip(recipe: str, tensor: torch.Tensor, clean: torch.Tensor) -> torch.
     return quantized.dequantize(dtype=torch.float32)
 
 
-def measure(rows: torch.Tensor, alpha: float, length: int, recipes, norm) -> list:
+def torch_round_trip(recipe: str, tensor: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The dry run's stand-in for TE's cast: torch's E4M3 with the simulation's scaling (delayed:
+    the clean activations' amax, as TE's history holds it)."""
+    from symnoise_megatron.noise.fp8_resolution import quantize_e4m3
+
+    return quantize_e4m3(tensor.float(), recipe, like=clean.float() if recipe == "delayed" else None)
+
+
+def measure(rows: torch.Tensor, alpha: float, length: int, recipes, norm, device: str = "cuda",
+            cast=round_trip) -> list:
     from symnoise_megatron.noise.fp8_resolution import rms_norm, simulate
 
     tokens, hidden = rows.shape
     noise = symmetric_noise(tokens, hidden, alpha, length)
     exact_plus, exact_minus = rms_norm(rows + noise), rms_norm(rows - noise)
-    x = rows.cuda().to(torch.bfloat16)
-    n = noise.cuda().to(torch.bfloat16)
+    x = rows.to(device, torch.bfloat16)
+    n = noise.to(device, torch.bfloat16)
     with torch.no_grad():
         normed = norm(torch.cat([x + n, x - n]))
         clean = norm(x)
@@ -79,11 +92,11 @@ def measure(rows: torch.Tensor, alpha: float, length: int, recipes, norm) -> lis
         simulated = simulate(rows, alpha, length, recipe)
         for pairing in ("concat", "microbatch"):
             if pairing == "concat":
-                both = round_trip(recipe, normed, clean).cpu()
+                both = cast(recipe, normed, clean).cpu()
                 plus_q, minus_q = both[:tokens], both[tokens:]
             else:
-                plus_q = round_trip(recipe, normed[:tokens], clean).cpu()
-                minus_q = round_trip(recipe, normed[tokens:], clean).cpu()
+                plus_q = cast(recipe, normed[:tokens], clean).cpu()
+                minus_q = cast(recipe, normed[tokens:], clean).cpu()
             if not torch.isfinite(plus_q).all() or not torch.isfinite(minus_q).all():
                 raise RuntimeError(f"TE's {recipe} cast returned non-finite values at alpha {alpha}, L {length}")
             differ, kept = copies_differ_and_kept(exact_plus, exact_minus, plus_q, minus_q)
@@ -103,20 +116,30 @@ def main(argv=None):
     parser.add_argument("--hidden-size", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=512, help="embedding rows (the CPU table's 512)")
     parser.add_argument("--embedding-std", type=float, default=0.02)
+    add_smallest_flag(parser)
     args = parser.parse_args(argv)
-    reason = needs_cuda_and_te("fp8_noise")
-    if reason:
-        print(reason)
-        return SKIPPED
-    import transformer_engine.pytorch as te
+    where = stage_device("fp8_noise", args.smallest)
+    if where is None:
+        return 0
+    from symnoise_megatron.noise.fp8_resolution import gaussian_embeddings, rms_norm
 
-    from symnoise_megatron.noise.fp8_resolution import gaussian_embeddings
+    if args.smallest:
+        args.tokens, args.hidden_size, args.lengths, args.alphas = 16, 128, [512], [5.0]
+        norm, cast = lambda x: rms_norm(x.float()).to(x.dtype), torch_round_trip
+    else:
+        import transformer_engine.pytorch as te
 
+        norm, cast = te.RMSNorm(args.hidden_size, eps=1e-5, dtype=torch.bfloat16, device="cuda"), round_trip
     rows = gaussian_embeddings(args.tokens, args.hidden_size, args.embedding_std)
-    norm = te.RMSNorm(args.hidden_size, eps=1e-5, dtype=torch.bfloat16, device="cuda")
-    results = [row for length in args.lengths for alpha in args.alphas
-               for row in measure(rows, alpha, length, args.recipes, norm)]
     device = device_name()
+    payload = {"device": device, "versions": versions(), "dry_run": args.smallest,
+               "command": "python tools/bench/fp8_noise_te.py " + " ".join(argv or sys.argv[1:]),
+               "rows_source": f"Gaussian std {args.embedding_std:g}, {args.tokens} rows, d {args.hidden_size}", "rows": []}
+    results = payload["rows"]
+    for length in args.lengths:
+        for alpha in args.alphas:
+            results += measure(rows, alpha, length, args.recipes, norm, where, cast)
+            write_json("fp8_noise_te.json", payload, dry_run=args.smallest)
     print(f"\n{device}: d {args.hidden_size}, {args.tokens} Gaussian rows (std {args.embedding_std:g}); TE cast vs the CPU simulation\n")
     print("| L | alpha | recipe | pairing | copies differ (TE) | cosine kept (TE) | BF16 only | simulated |")
     print("|---|---|---|---|---|---|---|---|")
@@ -124,9 +147,7 @@ def main(argv=None):
         print(f"| {r['sample_length']} | {r['alpha']:g} | {r['recipe']} | {r['pairing']} | {r['te_copies_differ']:.1%} | "
               f"{r['te_noise_kept']:.3f} | {r['bf16_copies_differ']:.1%} / {r['bf16_noise_kept']:.3f} | "
               f"{r['simulated_copies_differ']:.1%} / {r['simulated_noise_kept']:.3f} |")
-    payload = {"device": device, "versions": versions(), "command": "python tools/bench/fp8_noise_te.py " + " ".join(argv or sys.argv[1:]),
-               "rows_source": f"Gaussian std {args.embedding_std:g}, {args.tokens} rows, d {args.hidden_size}", "rows": results}
-    print("written:", ", ".join(write_json("fp8_noise_te.json", payload)))
+    print("written:", ", ".join(write_json("fp8_noise_te.json", payload, dry_run=args.smallest)))
     return 0
 
 

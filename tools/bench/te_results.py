@@ -1,14 +1,23 @@
-"""What the Transformer Engine device stages record: JSON rows later runs compare against,
-tolerance verdicts, and the symmetric-copy figures of an FP8 cast. Pure (torch only), so the
-CPU tests check it; the stages themselves (te_parity.py, bench_train_step_gpu.py,
-fp8_noise_te.py) need the GPU.
+"""What the device stages share: JSON rows later runs compare against (written after each
+setting, so a stage cut off by its time limit keeps what it measured), tolerance verdicts, the
+symmetric-copy figures of an FP8 cast, and the ``--smallest`` dry run every stage has. Pure
+(torch only), so the CPU tests check it; the stages themselves (te_smoke.py, te_step.py,
+fp8_noise_te.py, te_parity.py, bench_train_step_gpu.py) measure on the GPU.
+
+``--smallest`` (``DEVICE_DRY_RUN=1 bash tools/bench/device_session.sh``, and CI) runs a stage's
+own Python on the CPU at the smallest shapes it can, megatron-core's local spec in place of
+Transformer Engine: script errors show before GPU time is spent. Its JSON goes to $OUT only,
+never to tools/bench/results/, and says ``"dry_run": true``.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -116,16 +125,80 @@ def device_name() -> str:
         return name
 
 
-def write_json(name: str, payload, out_dir: Optional[str] = None) -> List[str]:
-    """Write ``name`` under tools/bench/results/ and, on the device, under $OUT too (what comes back)."""
+def write_json(name: str, payload, out_dir: Optional[str] = None, dry_run: bool = False) -> List[str]:
+    """Write ``name`` under tools/bench/results/ and, on the device, under $OUT too (what comes
+    back); a dry run writes to $OUT only (its figures are no measurement)."""
     written = []
-    for directory in filter(None, [RESULTS_DIR, out_dir or os.environ.get("OUT")]):
+    for directory in filter(None, [None if dry_run else RESULTS_DIR, out_dir or os.environ.get("OUT")]):
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, name)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=1)
         written.append(path)
     return written
+
+
+def add_smallest_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smallest", action="store_true",
+                        help="dry run: this stage's Python on the CPU at the smallest shapes, megatron-core's local spec "
+                             "in place of Transformer Engine (device_session.sh's DEVICE_DRY_RUN=1 and CI); its "
+                             "figures mean nothing and go to $OUT only")
+
+
+def stage_device(stage: str, smallest: bool, needs_te: bool = True) -> Optional[str]:
+    """Where ``stage`` runs: ``cpu`` for a dry run, ``cuda`` where CUDA (and Transformer Engine,
+    when ``needs_te``) is present; None after printing why it is SKIPPED (exit status 0)."""
+    if smallest:
+        if torch.cuda.is_available():
+            print(f"{stage}: --smallest is the CPU dry run; this machine has CUDA: run the stage without it")
+            return None
+        return "cpu"
+    reason = needs_cuda_and_te(stage) if needs_te else (None if torch.cuda.is_available() else f"{stage}: SKIPPED, no CUDA device")
+    if reason:
+        print(reason)
+        return None
+    return "cuda"
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A one-rank process group's environment (as torchrun's) for a stage run as a plain script,
+    and megatron-core's CUDA assumptions redirected where there is no GPU."""
+    from symnoise_megatron.runtime.cpu import runtime_for_this_machine
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with runtime_for_this_machine():
+        yield
+
+
+def release_trainer(trainer) -> None:
+    """Let the next setting of a stage start clean in the same process: megatron-core's groups and
+    scratch buffers, Transformer Engine's FP8 state, the allocator's cache."""
+    import gc
+
+    from megatron.core import parallel_state
+
+    del trainer
+    parallel_state.destroy_model_parallel()
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+        FP8GlobalStateManager.reset()
+    except Exception:  # noqa: BLE001 - no TE (the dry run), or a TE that keeps it elsewhere
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def needs_cuda_and_te(stage: str) -> Optional[str]:
@@ -137,3 +210,17 @@ def needs_cuda_and_te(stage: str) -> Optional[str]:
     except ImportError as error:
         return f"{stage}: SKIPPED, Transformer Engine does not import ({error})"
     return None
+
+
+def bundled_data(workdir: str, seq_length: int) -> str:
+    """The bundled instruction set preprocessed for rows of ``seq_length`` (reused when present)."""
+    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
+    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    prefix = os.path.join(workdir, f"bundled_{seq_length}")
+    if not os.path.exists(prefix + "_tokens.bin"):
+        os.makedirs(workdir, exist_ok=True)
+        preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
+                                    prompt_template="alpaca", seq_length=seq_length + 1, progress=False))
+    return prefix
