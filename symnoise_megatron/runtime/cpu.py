@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places that matter for a small model:
 factory calls with ``device="cuda"`` or ``torch.cuda.current_device()``, ``Tensor.cuda()``,
-``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks, and
+``torch.cuda.synchronize()`` in the p2p code, the CUDA RNG tracker that dropout forks (and
+activation recomputation saves and restores), and
 gradient clipping's check that ``Tensor.type()`` names a CUDA tensor.
 :func:`cpu_runtime` redirects exactly those to CPU for as long as it is entered, and gives
 megatron-core's gradient-accumulation fusion a host kernel in place of apex's CUDA one.
@@ -21,6 +22,8 @@ from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from symnoise_megatron.runtime.wgrad_accumulation import TorchWgradAccumulation
 
 _FACTORY_FUNCTIONS = {
     torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
@@ -65,22 +68,6 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _HostWgradAccumulation:
-    """Stands in for apex's ``fused_weight_gradient_mlp_cuda`` (CUDA only): megatron-core's
-    gradient-accumulation fusion then adds each linear layer's weight gradient straight into
-    the DDP buffer's ``main_grad`` with one GEMM, instead of materialising ``weight.grad`` and
-    adding it in a second pass over every parameter (a few percent of a CPU step)."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-        if total_input.dtype == main_grad.dtype:
-            main_grad.addmm_(grad_output.t(), total_input)
-        else:  # BF16 activations, FP32 buffer: as the unfused path rounds it
-            main_grad.add_(grad_output.t().matmul(total_input))
-
-    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
-
-
 class _NoForkTracker:
     """Stands in for megatron's CUDA RNG tracker: dropout under ``fork()`` uses the CPU RNG."""
 
@@ -114,8 +101,12 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
         stack.enter_context(
             mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker)
         )
+        # Activation recomputation saves and restores the CUDA generator's state around each
+        # checkpointed forward; on the host the CPU generator (saved beside it) is the only one.
+        stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(mcore_layers, "_grad_accum_fusion_available", True))
-        stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", _HostWgradAccumulation,
+        stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", TorchWgradAccumulation,
                                               create=True))
         stack.enter_context(_CudaToCpuMode())
         stack.enter_context(warnings.catch_warnings())
