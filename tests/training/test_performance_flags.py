@@ -83,6 +83,15 @@ def test_each_flag_reaches_megatron_cores_configs():
     assert transformer.fp8_param and data_parallel.fp8_param_gather
 
 
+def test_the_precision_aware_optimizer_reaches_megatron_cores_optimizer_config():
+    pytest.importorskip("transformer_engine", reason="megatron-core builds it only with Transformer Engine's FusedAdam")
+    from symnoise_megatron.training.optimizer import optimizer_config
+
+    optimizer = optimizer_config(flags(use_precision_aware_optimizer=True, use_distributed_optimizer=True, bf16=True,
+                                       fp8_format="hybrid", fp8_recipe="tensorwise"))
+    assert optimizer.use_precision_aware_optimizer and optimizer.fp8_recipe == "tensorwise"
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(overlap_param_gather=True, use_distributed_optimizer=True), "--overlap-param-gather needs --overlap-grad-reduce"),
     (dict(overlap_param_gather=True, overlap_grad_reduce=True), "--overlap-param-gather needs --use-distributed-optimizer"),
