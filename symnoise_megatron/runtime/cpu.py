@@ -23,6 +23,8 @@ from unittest import mock
 import torch
 from torch.overrides import TorchFunctionMode
 
+from symnoise_megatron.runtime.wgrad_accumulation import TorchWgradAccumulation
+
 _FACTORY_FUNCTIONS = {
     torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
     torch.arange, torch.tensor, torch.as_tensor, torch.empty_like, torch.zeros_like,
@@ -66,22 +68,6 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _HostWgradAccumulation:
-    """Stands in for apex's ``fused_weight_gradient_mlp_cuda`` (CUDA only): megatron-core's
-    gradient-accumulation fusion then adds each linear layer's weight gradient straight into
-    the DDP buffer's ``main_grad`` with one GEMM, instead of materialising ``weight.grad`` and
-    adding it in a second pass over every parameter (a few percent of a CPU step)."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-        if total_input.dtype == main_grad.dtype:
-            main_grad.addmm_(grad_output.t(), total_input)
-        else:  # BF16 activations, FP32 buffer: as the unfused path rounds it
-            main_grad.add_(grad_output.t().matmul(total_input))
-
-    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
-
-
 class _NoForkTracker:
     """Stands in for megatron's CUDA RNG tracker: dropout under ``fork()`` uses the CPU RNG."""
 
@@ -120,7 +106,7 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
         stack.enter_context(mock.patch.object(mcore_random, "_get_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(mcore_random, "_set_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(mcore_layers, "_grad_accum_fusion_available", True))
-        stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", _HostWgradAccumulation,
+        stack.enter_context(mock.patch.object(mcore_layers, "fused_weight_gradient_mlp_cuda", TorchWgradAccumulation,
                                               create=True))
         stack.enter_context(_CudaToCpuMode())
         stack.enter_context(warnings.catch_warnings())

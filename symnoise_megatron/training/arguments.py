@@ -26,6 +26,8 @@ from symnoise_megatron.noise.config import NoiseConfig
 TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
                    "Llama2Tokenizer": "sentencepiece", "HuggingFaceTokenizer": "huggingface"}
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+# megatron-core's selective recomputation modules that a dense LLaMA/OPT layer has.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 def option(default=None, help: str = "", *, factory=None):
@@ -114,6 +116,9 @@ class ParallelismOptions:
     tensor_model_parallel_size: int = option(1)
     pipeline_model_parallel_size: int = option(1)
     num_layers_per_virtual_pipeline_stage: Optional[int] = option(None, "interleaved 1F1B: layers per virtual stage")
+    num_virtual_stages_per_pipeline_rank: Optional[int] = option(
+        None, "interleaved 1F1B: virtual stages (model chunks) per pipeline rank, instead of "
+              "--num-layers-per-virtual-pipeline-stage; the form an uneven split needs")
     sequence_parallel: bool = option(False)
     context_parallel_size: int = option(1)
     use_distributed_optimizer: bool = option(
@@ -124,9 +129,37 @@ class ParallelismOptions:
             "process group's timeout and megatron-core's groups'. Raise it where one rank can lag behind the others "
             "for longer, such as a save of a large model to a slow file system")
 
+    # Uneven pipeline splits (Megatron-LM's flags; megatron-core builds them). Default: an equal
+    # number of layers per stage. The first stage also holds the embedding and the last the
+    # output layer and loss (LLaMA-3's 128K vocabulary: about 1.2 layers' weights, and its
+    # logits), so at high PP the end stages set the pace; these move layers off them.
+    decoder_first_pipeline_num_layers: Optional[int] = option(
+        None, "transformer layers on the first pipeline stage; the stages between the first and the last share "
+              "the rest equally (default: every stage an equal share)")
+    decoder_last_pipeline_num_layers: Optional[int] = option(
+        None, "transformer layers on the last pipeline stage (with --decoder-first-pipeline-num-layers or alone)")
+    account_for_embedding_in_pipeline_split: bool = option(
+        False, "split the layers as if the embedding were one more layer: the first stage holds one transformer "
+               "layer fewer (the layers plus the counted ones must divide by PP x virtual stages)")
+    account_for_loss_in_pipeline_split: bool = option(
+        False, "split the layers as if the output layer and loss were one more layer: the last stage holds one "
+               "transformer layer fewer")
+
     def validate(self) -> None:
         if self.distributed_timeout_minutes < 1:
             raise ValueError("--distributed-timeout-minutes must be at least 1")
+        for flag, value in (("--num-layers-per-virtual-pipeline-stage", self.num_layers_per_virtual_pipeline_stage),
+                            ("--num-virtual-stages-per-pipeline-rank", self.num_virtual_stages_per_pipeline_rank)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1")
+        if self.num_layers_per_virtual_pipeline_stage and self.num_virtual_stages_per_pipeline_rank:
+            raise ValueError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank say "
+                             "the same thing two ways: give one")
+        uneven = self.decoder_first_pipeline_num_layers is not None or self.decoder_last_pipeline_num_layers is not None
+        if uneven and self.num_layers_per_virtual_pipeline_stage:
+            # As Megatron-LM: with uneven stages the layers per virtual stage differ between ranks.
+            raise ValueError("--decoder-first/last-pipeline-num-layers with interleaving take "
+                             "--num-virtual-stages-per-pipeline-rank, not --num-layers-per-virtual-pipeline-stage")
         if self.context_parallel_size > 1:
             # The noise is context-parallel ready (tested), the loop is not: it would feed every
             # CP rank whole sequences. Refused rather than trained wrong.
@@ -182,21 +215,120 @@ class PrecisionOptions:
                "the start-up check recommends it when FP8 would swallow the noise")
     num_layers_at_start_in_bf16: int = option(1, "with --first-last-layers-bf16: leading layers kept in BF16")
     num_layers_at_end_in_bf16: int = option(1, "with --first-last-layers-bf16: trailing layers kept in BF16")
-    recompute_granularity: Optional[str] = option(None, "full or selective activation recomputation")
+    fp8_param_gather: bool = option(
+        False, "keep the FP8 GEMMs' weights in FP8 (Transformer Engine's FP8 parameters) and all-gather them in FP8 "
+               "with the distributed optimizer: half the weight memory and parameter all-gather traffic of BF16 "
+               "(needs --fp8-format and --use-distributed-optimizer; GPU)")
+    recompute_granularity: Optional[str] = option(
+        None, "activation recomputation: full (whole layers, see --recompute-method) or selective (the parts named "
+              "by --recompute-modules)")
+    recompute_method: Optional[str] = option(
+        None, "with --recompute-granularity full: uniform (recompute each group of --recompute-num-layers layers "
+              "from its input; default, 1 layer) or block (recompute the first --recompute-num-layers layers of "
+              "each model chunk and keep the rest's activations)")
+    recompute_num_layers: Optional[int] = option(
+        None, "with --recompute-granularity full: layers per recomputed group (uniform; must divide every model "
+              "chunk's layers) or layers recomputed per model chunk (block) (default 1)")
+    recompute_modules: List[str] = option(
+        factory=list, help="with --recompute-granularity selective: any of core_attn (the attention scores; little "
+                           "to gain under Transformer Engine's fused attention, which stores none), mlp (the MLP: "
+                           "frees its large intermediate activations for one more MLP forward), layernorm (the "
+                           "norms; Transformer Engine fuses them into the next linear layer, so it saves nothing "
+                           "there) (default: core_attn, as megatron-core)")
 
     def validate(self) -> None:
         # Whether Transformer Engine is there for the GPU-only settings is checked when the model is built.
         for flag, value, allowed in (("--fp8-format", self.fp8_format, ("e4m3", "hybrid")),
                                      ("--fp8-recipe", self.fp8_recipe, ("delayed", "tensorwise", "blockwise")),
-                                     ("--recompute-granularity", self.recompute_granularity, ("full", "selective"))):
+                                     ("--recompute-granularity", self.recompute_granularity, ("full", "selective")),
+                                     ("--recompute-method", self.recompute_method, ("uniform", "block"))):
             if value is not None and value not in allowed:
                 raise ValueError(f"{flag} {value!r}: use one of {', '.join(allowed)}")
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ValueError(f"--recompute-modules {' '.join(unknown)}: use any of {', '.join(RECOMPUTE_MODULES)} "
+                             "(megatron-core's others are for MoE and MLA models)")
+        # Megatron-LM's and megatron-core's refusals, each naming the flag.
+        full = self.recompute_granularity == "full"
+        if self.recompute_method is not None and not full:
+            raise ValueError("--recompute-method needs --recompute-granularity full (selective recomputation has no "
+                             "method, as in Megatron-LM)")
+        if self.recompute_num_layers is not None and (not full or self.recompute_num_layers < 1):
+            raise ValueError("--recompute-num-layers needs --recompute-granularity full and must be at least 1")
+        if self.recompute_modules and self.recompute_granularity != "selective":
+            raise ValueError("--recompute-modules needs --recompute-granularity selective")
+        if "layernorm" in self.recompute_modules and self.fp8_format and self.fp8_recipe == "delayed":
+            raise ValueError("--recompute-modules layernorm does not work with --fp8-recipe delayed (megatron-core "
+                             "refuses it); use tensorwise or blockwise scaling, or leave layernorm out")
+        if self.fp8_param_gather and not self.fp8_format:
+            raise ValueError("--fp8-param-gather needs --fp8-format")
 
     @property
     def params_dtype(self):
         import torch
 
         return torch.bfloat16 if self.bf16 else torch.float32
+
+
+@dataclass
+class PerformanceOptions:
+    """Communication overlap, fusions and the host's garbage collector (Megatron-LM's performance flags).
+
+    The defaults are Megatron-LM's, except gradient-accumulation fusion (on wherever this stack
+    provides the kernel: Transformer Engine's layers fuse it themselves, and megatron-core's own
+    output layer gets torch's GEMM where apex is missing) and FP32 gradient accumulation (on,
+    which Megatron-LM also turns on under --bf16).
+    """
+
+    overlap_grad_reduce: bool = option(
+        False, "overlap the data-parallel gradient reduction (all-reduce, or reduce-scatter with the distributed "
+               "optimizer) with the backward of the step's last micro-batch, bucket by bucket")
+    overlap_param_gather: bool = option(
+        False, "with --use-distributed-optimizer and --overlap-grad-reduce: overlap the parameter all-gather after "
+               "the optimizer step with the next step's forward (each module waits for its own bucket); weights "
+               "are gathered before every save and validation")
+    ddp_bucket_size: Optional[int] = option(
+        None, "parameters per data-parallel communication bucket (default: megatron-core's, "
+              "max(40M, 1M x data-parallel size))")
+    accumulate_allreduce_grads_in_fp32: bool = option(
+        True, "accumulate gradients over micro-batches in an FP32 buffer and reduce them over the data-parallel "
+              "ranks in FP32 (default on, as Megatron-LM does under --bf16; FP32 training has FP32 gradients either "
+              "way). Switch it off in a run config ('accumulate_allreduce_grads_in_fp32: false', Megatron-LM's "
+              "--grad-reduce-in-bf16) to halve the gradient buffer and its traffic at the cost of BF16 sums, as "
+              "Megatron-Bridge's speed recipes do")
+    no_gradient_accumulation_fusion: bool = option(
+        False, "add each linear layer's weight gradient to the FP32 buffer in a second pass instead of inside its "
+               "GEMM (fusion is on by default; Megatron-LM's flag to switch it off)")
+    cross_entropy_loss_fusion: bool = option(
+        False, "megatron-core's fused vocabulary-parallel cross entropy (GPU)")
+    cross_entropy_fusion_impl: str = option(
+        "native", "with --cross-entropy-loss-fusion: native (megatron-core's) or te (Transformer Engine's)")
+    use_precision_aware_optimizer: bool = option(
+        False, "Transformer Engine's FusedAdam keeps the master weights as BF16 weights plus their 16 low bits "
+               "(2 bytes a parameter less than an FP32 copy) (needs --use-distributed-optimizer and Transformer "
+               "Engine; GPU)")
+    manual_gc: bool = option(
+        False, "switch Python's garbage collector off and collect at fixed points instead (the start, around "
+               "validation, every --manual-gc-interval iterations): every rank collects at the same time, rather "
+               "than one rank's collection stalling all of them mid-step")
+    manual_gc_interval: int = option(
+        0, "with --manual-gc: collect every this many iterations (0: only at the start and around validation)")
+
+    def validate(self) -> None:
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError("--ddp-bucket-size must be at least 1")
+        if self.manual_gc_interval < 0:
+            raise ValueError("--manual-gc-interval must be 0 or more")
+        if self.manual_gc_interval and not self.manual_gc:
+            raise ValueError("--manual-gc-interval needs --manual-gc")
+        if self.cross_entropy_fusion_impl not in ("native", "te"):
+            raise ValueError(f"--cross-entropy-fusion-impl {self.cross_entropy_fusion_impl!r}: use native or te")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+
+    @property
+    def gradient_accumulation_fusion(self) -> bool:
+        return not self.no_gradient_accumulation_fusion
 
 
 @dataclass
@@ -284,6 +416,7 @@ class TrainingConfig:
     parallelism: ParallelismOptions = field(default_factory=ParallelismOptions)
     optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
     precision: PrecisionOptions = field(default_factory=PrecisionOptions)
+    performance: PerformanceOptions = field(default_factory=PerformanceOptions)
     noise: NoiseOptions = field(default_factory=NoiseOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LoggingOptions = field(default_factory=LoggingOptions)
@@ -308,11 +441,25 @@ class TrainingConfig:
 
     def validate(self) -> None:
         # The flags first, then the files they name: a wrong flag is reported without touching the disk.
-        for section in self.sections():
-            section.validate()
+        self.validate_flags()
         self.data.check_paths()
         self.model.check_paths()
         self.check_load_and_save()
+
+    def validate_flags(self) -> None:
+        """Every section's own checks, then those across sections; no file is read."""
+        for section in self.sections():
+            section.validate()
+        self.check_performance_combinations()
+
+    def check_performance_combinations(self) -> None:
+        """Megatron-LM's refusals of performance flags that need a setting of another section."""
+        distributed_optimizer = self.parallelism.use_distributed_optimizer
+        for flag, asked in (("--overlap-param-gather", self.performance.overlap_param_gather),
+                            ("--fp8-param-gather", self.precision.fp8_param_gather),
+                            ("--use-precision-aware-optimizer", self.performance.use_precision_aware_optimizer)):
+            if asked and not distributed_optimizer:
+                raise ValueError(f"{flag} needs --use-distributed-optimizer")
 
     def check_load_and_save(self) -> None:
         """A run resumes from --save only (Megatron-LM would resume from --load): a --save holding a
@@ -380,7 +527,9 @@ def _add_flag(group, item) -> None:
         group.add_argument(flag_name(item.name), nargs="+", default=None, help=text)
     else:
         caster = int if "int" in kind else float if "float" in kind else str
-        group.add_argument(flag_name(item.name), type=caster, default=None, help=f"{text} (default: {default})".strip())
+        # A help text that states its default itself (in words) is not given a second one.
+        shown = text if "default" in text else f"{text} (default: {default})".strip()
+        group.add_argument(flag_name(item.name), type=caster, default=None, help=shown)
 
 
 def parse_config(argv=None) -> TrainingConfig:

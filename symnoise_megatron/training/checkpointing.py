@@ -60,12 +60,21 @@ def optimizer_format(optimizer, fully_reshardable: bool, num_chunks: int) -> Opt
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not any(isinstance(part, DistributedOptimizer) for part in parts):
+    distributed = [part for part in parts if isinstance(part, DistributedOptimizer)]
+    if not distributed:
         return None
+    # The pipeline split decides which layers a rank's buffers hold, as TP and PP do.
+    config = distributed[0].model_chunks[0].config
+    split = {key: value for key in PIPELINE_SPLIT_KEYS if (value := getattr(config, key, None))}
     return {"sharding": FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE,
             "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-            "virtual_pipeline_stages": num_chunks}
+            "virtual_pipeline_stages": num_chunks, **split}
+
+
+# TransformerConfig's uneven-split fields, recorded only when set (older records: an even split).
+PIPELINE_SPLIT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                       "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
 
 
 @contextlib.contextmanager
@@ -114,8 +123,10 @@ def _torch_adam_state_loadable(optimizer):
 
 
 def _layout(record: dict) -> str:
+    split = ", ".join(f"{key} {record[key]}" for key in PIPELINE_SPLIT_KEYS if record.get(key))
     return (f"TP {record['tensor_model_parallel_size']}, PP {record['pipeline_model_parallel_size']}, "
-            f"{record['virtual_pipeline_stages']} virtual stage(s) per rank")
+            f"{record['virtual_pipeline_stages']} virtual stage(s) per rank"
+            + (f", {split}" if split else ", an even pipeline split"))
 
 
 def _format_to_read(directory: str, recorded: Optional[dict], ours: Optional[dict]) -> Optional[dict]:

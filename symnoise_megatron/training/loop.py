@@ -25,9 +25,10 @@ from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.metrics_sink import MetricsSink, check_logging_packages
 from symnoise_megatron.data.microbatch import MicroBatch, paired_microbatches
 from symnoise_megatron.training.model_chunks import (
-    build_training_chunks, build_transformer_config, check_transformer_engine_features, parallel_layout,
-    resolve_model_config,
+    build_training_chunks, build_transformer_config, check_interleaving, check_transformer_engine_features,
+    parallel_layout, resolve_model_config, sync_parameters,
 )
+from symnoise_megatron.training.garbage_collection import ManualGC
 from symnoise_megatron.training.optimizer import build_optimizer_and_scheduler, train_iterations
 from symnoise_megatron.training.provenance import start_record, with_iteration
 from symnoise_megatron.training.resume import ResumeOrLoad, acquire_save_lock, tokenizer_checkpoint
@@ -75,11 +76,15 @@ class Trainer:
         self.start.check_noise(self.noise)
         self.provenance = start_record(config, self.datasets, self.model_config, self.parallel, self.noise,
                                        self.start.resuming, log)
+        options = config.optimizer
+        check_interleaving(self.parallel, self.noise.microbatches_per_step(
+            options.global_batch_size // (options.micro_batch_size * self.dp_size)), self.noise.pairing == "microbatch"
+            and self.noise.is_symmetric)
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
         self.transformer_config = build_transformer_config(config, self.model_config, self.parallel)
-        self.chunks = build_training_chunks(config, self.model_config, self.noise, self.transformer_config, self.device,
-                                            self.start.weights_source(), self.datasets.mean_sample_length, log)
+        self.chunks = build_training_chunks(config, self.model_config, self.noise, self.transformer_config, self.parallel,
+                                            self.device, self.start.weights_source(), self.datasets.mean_sample_length, log)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(config, self.chunks, self.train_iters)
         self.iteration = self.start.restore(self.chunks, self.optimizer, self.scheduler, self.sampler)
         blend = self.datasets.blend_description(self.sampler.order, self.sampler.consumed_samples + (
@@ -90,6 +95,7 @@ class Trainer:
         self.stop = StopConditions(config.checkpoint, self.device)
         self.skipped_iterations = 0
         self.history: List[dict] = []
+        self.gc = ManualGC(config.performance)
 
     def _sampler(self, order) -> GlobalBatchSampler:
         options = self.config.optimizer
@@ -97,6 +103,8 @@ class Trainer:
 
     def close(self) -> None:
         """Let another run take --save (also at exit: the kernel drops the lock with the process)."""
+        if getattr(self, "gc", None) is not None:
+            self.gc.stop()
         if getattr(self, "save_lock", None) is not None:
             self.save_lock.release()
             self.save_lock = None
@@ -110,6 +118,7 @@ class Trainer:
 
     def _run(self) -> List[dict]:
         self.stop.arm()
+        self.gc.start()
         self.metrics.start()
         while self.iteration < self.train_iters:
             record = self._train_one_iteration()
@@ -117,7 +126,7 @@ class Trainer:
                 self.metrics.log_window(record, self.train_iters, self.sampler.consumed_samples,
                                         self.skipped_iterations, self._noise_scale())
             if self._due(self.config.logging.eval_interval):
-                with self.metrics.paused():
+                with self.metrics.paused(), self.gc.around_validation():
                     record["validation_loss"] = self.evaluate()
                 self.metrics.validation(record["validation_loss"])
             self.history.append(record)
@@ -128,6 +137,8 @@ class Trainer:
             if stop_reason:
                 self.log(f"exiting at iteration {self.iteration} ({stop_reason})")
                 break
+            self.gc.after_iteration(self.iteration)
+        sync_parameters(self.chunks)  # the weights the run ends with, whatever reads them next
         if self.iteration >= self.train_iters and not self.history:
             self.log(f"nothing to train: the run is at iteration {self.iteration} of {self.train_iters} "
                      "(raise --train-iters or --train-epochs to train on)")
@@ -185,6 +196,7 @@ class Trainer:
         valid_indices = self.datasets.valid_indices
         if len(valid_indices) == 0:
             return None
+        sync_parameters(self.chunks)
         for chunk in self.chunks:
             chunk.eval()
         sampler = self._sampler(self.datasets.valid_order())
@@ -197,6 +209,7 @@ class Trainer:
         return loss_sum / max(tokens, 1)
 
     def save(self):
+        sync_parameters(self.chunks)
         target = checkpointing.save_checkpoint(
             self.config.checkpoint.save, self.iteration, [c.module for c in self.chunks], self.optimizer, self.scheduler,
             self.sampler, self.noise, self.model_config, self.config.model.make_vocab_size_divisible_by,

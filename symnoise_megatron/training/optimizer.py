@@ -36,20 +36,30 @@ def build_optimizer(optimizer_config, chunks):
         return get_megatron_optimizer(optimizer_config, chunks)
 
 
+def optimizer_config(config):
+    """megatron-core's OptimizerConfig for the flags (``config``: a TrainingConfig)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    options, precision = config.optimizer, config.precision
+    return OptimizerConfig(
+        optimizer="adam", lr=options.lr, min_lr=options.min_lr, weight_decay=options.weight_decay,
+        adam_beta1=options.adam_beta1, adam_beta2=options.adam_beta2, clip_grad=options.clip_grad,
+        bf16=precision.bf16, params_dtype=precision.params_dtype,
+        use_distributed_optimizer=config.parallelism.use_distributed_optimizer,
+        use_precision_aware_optimizer=config.performance.use_precision_aware_optimizer,
+        overlap_param_gather=config.performance.overlap_param_gather,
+        # The distributed optimizer handles FP8 weights by recipe (delayed scaling casts in its Adam kernel).
+        fp8_recipe=precision.fp8_recipe if precision.fp8_format else None,
+    )
+
+
 def build_optimizer_and_scheduler(config, chunks, train_iters: int):
     """Adam (or its distributed form) over ``chunks`` and Megatron-LM's learning-rate and
     weight-decay schedule over ``train_iters`` iterations. ``config``: a TrainingConfig."""
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     options = config.optimizer
-    optimizer = build_optimizer(
-        OptimizerConfig(optimizer="adam", lr=options.lr, min_lr=options.min_lr, weight_decay=options.weight_decay,
-                        adam_beta1=options.adam_beta1, adam_beta2=options.adam_beta2, clip_grad=options.clip_grad,
-                        bf16=config.precision.bf16, params_dtype=config.precision.params_dtype,
-                        use_distributed_optimizer=config.parallelism.use_distributed_optimizer),
-        chunks,
-    )
+    optimizer = build_optimizer(optimizer_config(config), chunks)
     warmup = int(options.lr_warmup_fraction * train_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=options.lr, min_lr=options.min_lr, lr_warmup_steps=warmup,

@@ -39,13 +39,18 @@ def launch(tmp_path):
 
 def test_one_cuda_work_queue_exactly_where_the_layout_has_tensor_parallelism(launch, tmp_path):
     assert launch(PRESET="llama2-70b-fp8", NNODES="8", MASTER_ADDR="10.0.0.1")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    assert launch(PRESET="llama2-7b")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # TP 2 in its layout file
+    # TP 1 x PP 16 on 16 nodes, TP 1 for the 7B (their layout files)
+    assert launch(PRESET="llama2-70b-fp8", NNODES="16", MASTER_ADDR="10.0.0.1")["CUDA_DEVICE_MAX_CONNECTIONS"] == "unset"
+    assert launch(PRESET="llama2-7b")["CUDA_DEVICE_MAX_CONNECTIONS"] == "unset"
     assert launch(PRESET="cpu")["CUDA_DEVICE_MAX_CONNECTIONS"] == "unset"
     assert launch("--tensor-model-parallel-size", "2", PRESET="cpu")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    assert launch("--tensor-model-parallel-size=1", PRESET="llama2-7b")["CUDA_DEVICE_MAX_CONNECTIONS"] == "unset"
-    later = tmp_path / "tp1.yaml"
+    assert launch("--tensor-model-parallel-size=2", PRESET="llama2-7b")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    later = tmp_path / "tp2.yaml"
+    later.write_text("tensor-model-parallel-size: 2\n")
+    assert launch(PRESET="llama2-7b", CONFIGS=str(later))["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     later.write_text("tensor-model-parallel-size: 1\n")
-    assert launch(PRESET="llama2-7b", CONFIGS=str(later))["CUDA_DEVICE_MAX_CONNECTIONS"] == "unset"
+    assert launch("--tensor-model-parallel-size", "2", PRESET="llama2-7b", CONFIGS=str(later))[
+        "CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # the command line after the files
 
 
 def test_the_stop_file_and_the_grace_time_reach_torchrun_and_an_older_torch_is_named(launch, tmp_path):

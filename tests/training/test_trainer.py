@@ -111,18 +111,18 @@ def test_concat_and_microbatch_pairing_follow_the_same_trajectory(data_prefix):
 
 
 def grad_norm_history(runs, fused):
-    from unittest import mock
-
     from megatron.core import parallel_state
 
-    from symnoise_megatron.training import loop, model_chunks
+    from symnoise_megatron.training import loop
     from symnoise_megatron.training.arguments import TrainingConfig
 
-    with mock.patch.object(model_chunks, "is_cpu_only", lambda: fused):
-        histories = []
-        for kwargs in runs:
-            histories.append([(r["loss"], r["grad_norm"]) for r in loop.Trainer(TrainingConfig.from_flags(**kwargs), log=lambda m: None).run()])
-            parallel_state.destroy_model_parallel()
+    histories = []
+    for kwargs in runs:
+        trainer = loop.Trainer(TrainingConfig.from_flags(**kwargs, no_gradient_accumulation_fusion=not fused),
+                               log=lambda m: None)
+        assert trainer.transformer_config.gradient_accumulation_fusion == fused
+        histories.append([(r["loss"], r["grad_norm"]) for r in trainer.run()])
+        parallel_state.destroy_model_parallel()
     return histories
 
 
