@@ -147,11 +147,11 @@ def test_an_interrupted_batched_run_keeps_a_prefix_and_resumes(checkpoints, tmp_
         generate_file(generator, str(prompts), str(output), "m", 8, batch_size=2, progress=False)
     # Batches of the shortest prompts first ("Why?" is the last prompt and the shortest): two
     # batches were answered, and what is on disk is their longest prefix in prompt order,
-    # nothing after the gap (the long dragon prompt, unanswered).
+    # nothing after the first unanswered prompt.
     lengths = [len(generator.prompt_ids(p["instruction"], p.get("input", ""))) for p in MORE_PROMPTS]
     answered = set(sorted(range(len(MORE_PROMPTS)), key=lengths.__getitem__)[:4])
     prefix = next(i for i in range(len(MORE_PROMPTS)) if i not in answered)
-    assert prefix == 3 and 4 in answered  # answers beyond the gap exist and are not written
+    assert prefix > 0 and max(answered) > prefix  # a prefix to keep, and answers beyond the gap to leave out
     assert json.loads(output.read_text()) == full[:prefix]
     generator.answer = original
     assert generate_file(generator, str(prompts), str(output), "m", 8, batch_size=2, progress=False) == full
