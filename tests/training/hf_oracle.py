@@ -31,6 +31,7 @@ def read_samples(prefix: str, indices: Sequence[int]) -> List[Tuple[torch.Tensor
 
 @dataclass
 class Reference:
+    samples: List[Tuple[int, int]]
     loss: float
     loss_tokens: int
     grads: Dict[str, torch.Tensor]  # megatron-core's parameter names, tensor-parallel-1 layout, unpadded vocabulary
@@ -81,7 +82,7 @@ def reference_step(model, prefix: str, samples: Samples, noise, max_tokens: int,
                     num_items_in_batch=loss_tokens)
     if gradients:
         out.loss.backward()
-    return Reference(float(out.loss.detach()), loss_tokens, megatron_layout(model) if gradients else {})
+    return Reference(list(samples), float(out.loss.detach()), loss_tokens, megatron_layout(model) if gradients else {})
 
 
 def megatron_layout(model) -> Dict[str, torch.Tensor]:
