@@ -17,9 +17,10 @@ from tests.training import hf_oracle
 
 pytestmark = pytest.mark.distributed
 
-# fp32: the tiny model agrees to ~1e-6 of each parameter's largest gradient; SmolLM2's 30
-# layers, summed in other orders (tensor-parallel partial products), to ~1e-4.
-TINY_TOLERANCE, SMOLLM2_TOLERANCE = 1e-4, 1e-3
+# fp32, of each parameter's largest gradient (the loss: a tenth of it). Measured: the tiny model
+# agrees to 8.4e-7 (loss 1.2e-7); SmolLM2's 30 layers, summed in other orders than transformers'
+# eager attention, to 4.4e-4 (loss 8.2e-6). The bugs tools/dev/mutants.py plants move them by 1e-4 to 1.
+TINY_TOLERANCE, SMOLLM2_TOLERANCE = 1e-5, 2e-3
 STEP = dict(train_iters=1, lr=1e-3, lr_warmup_fraction=0.0, split="100,0,0", noise_alpha=5.0, eval_interval=None)
 
 
