@@ -23,5 +23,20 @@ def smollm2_hf(tmp_path_factory):
     return materialize("smollm2-135m-instruct", cache, progress=False, log=lambda message: None)
 
 
+def _convert(hf_dir, megatron_dir):
+    from symnoise_megatron.checkpoint.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, megatron_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_megatron(smollm2_hf, tmp_path_factory):
+    """SmolLM2 converted to a megatron-core checkpoint, once per session (2 ranks: each
+    writes half of the layers). Starts ranks: the tests that use it are marked distributed."""
+    megatron_dir = str(tmp_path_factory.mktemp("smollm2") / "megatron")
+    distributed.run_distributed(_convert, 2, smollm2_hf, megatron_dir)
+    return megatron_dir
+
+
 # The chain the provenance, inspect and compare tests read (tests/provenance_runs.py).
 from tests.provenance_runs import provenance_run  # noqa: E402,F401

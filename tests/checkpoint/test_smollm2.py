@@ -19,12 +19,6 @@ RELATIVE_TOLERANCE = 1e-5
 QUESTIONS = ["What is the capital of France?", "Name a primary colour."]
 
 
-def convert(hf_dir, megatron_dir):
-    from symnoise_megatron.checkpoint.convert import hf_to_megatron
-
-    hf_to_megatron(hf_dir, megatron_dir, progress=False)
-
-
 def convert_back(megatron_dir, returned_dir):
     from symnoise_megatron.checkpoint.convert import megatron_to_hf
 
@@ -42,12 +36,10 @@ def compare(hf_dir, megatron_dir, tp, pp):
 
 
 @pytest.fixture(scope="module")
-def smollm2_converted(smollm2_hf, tmp_path_factory):
-    root = tmp_path_factory.mktemp("smollm2")
-    megatron_dir, returned_dir = str(root / "megatron"), str(root / "returned")
-    run_distributed(convert, 2, smollm2_hf, megatron_dir)  # each rank writes half of the layers
-    run_distributed(convert_back, 1, megatron_dir, returned_dir)
-    return megatron_dir, returned_dir
+def smollm2_converted(smollm2_megatron, tmp_path_factory):
+    returned_dir = str(tmp_path_factory.mktemp("smollm2_returned") / "returned")
+    run_distributed(convert_back, 1, smollm2_megatron, returned_dir)
+    return smollm2_megatron, returned_dir
 
 
 def test_materialize_reuses_the_cache_and_names_a_missing_package(smollm2_hf, monkeypatch):

@@ -77,6 +77,10 @@ def train_tp2_pp2():
                         config=config, reduce_scatter_embeddings=noisy.reduce_scatter_embeddings,
                     )
                     model.embedding.word_embeddings.weight = noisy.weight
+            embedded = []  # the word embeddings' output of each forward (first stage only)
+            for embedding in noisy_embeddings(model):
+                embedding.register_forward_hook(
+                    lambda module, args, output, store=embedded: store.append(output.detach().clone()))
             model.train(not evaluate)
             # Evaluation never pairs: it sees each sample once, without noise.
             step_noise = NoiseConfig("none") if evaluate else noise
@@ -92,7 +96,7 @@ def train_tp2_pp2():
             report = torch.stack([entry["lm loss"] for entry in losses]).sum(0) if losses else None
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             shared = [getattr(e.weight, "shared_embedding", False) for e in noisy_embeddings(model)]
-            results[(arch, name)] = {"loss": report, "grads": grads, "shared": shared}
+            results[(arch, name)] = {"loss": report, "grads": grads, "shared": shared, "embedded": embedded}
     return results
 
 
@@ -135,7 +139,33 @@ def test_kind_none_equals_megatron_core_embedding(ranks, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_noise_changes_training_but_never_evaluation(ranks, arch):
+def test_training_adds_exactly_the_noise_with_each_copys_sign_and_evaluation_none(ranks, arch):
+    from symnoise_megatron.noise import NoiseConfig
+    from symnoise_megatron.noise.embedding_noise import embedding_noise
+
+    first_stage = [results for results in ranks if results[(arch, "none")]["embedded"]]
+    assert len(first_stage) == 2  # the two tensor-parallel ranks of stage 0
+
+    def noise(kind, microbatch, sign):
+        return embedding_noise(NoiseConfig(kind, 5.0), microbatch.sample_uids, microbatch.position_ids,
+                               microbatch.lengths, 64, sign=sign)
+
+    for results in first_stage:
+        clean = results[(arch, "none")]["embedded"]
+        added = {name: results[(arch, name)]["embedded"] for name in ("uniform", "symmetric_concat", "symmetric_microbatch")}
+        expected = {"uniform": [], "symmetric_concat": [], "symmetric_microbatch": []}
+        for index, microbatch in enumerate(microbatches()):
+            expected["uniform"].append(clean[index] + noise("uniform", microbatch, 1))
+            plus, minus = noise("symmetric", microbatch, 1), noise("symmetric", microbatch, -1)
+            expected["symmetric_concat"].append(torch.cat([clean[index] + plus, clean[index] + minus]))
+            expected["symmetric_microbatch"] += [clean[index] + plus, clean[index] + minus]
+        for name, outputs in added.items():
+            assert len(outputs) == len(expected[name]), name
+            for got, want in zip(outputs, expected[name]):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+        evaluated = results[(arch, "symmetric_eval")]["embedded"]
+        assert len(evaluated) == len(clean) and all(torch.equal(a, b) for a, b in zip(evaluated, clean))
+    # ... which moves the loss; evaluation's loss is megatron-core's own, to the bit.
     plain = last_stage_loss(ranks, arch, "none")
     for noisy in ("uniform", "symmetric_concat"):
         assert not torch.equal(last_stage_loss(ranks, arch, noisy)[0], plain[0]), noisy

@@ -38,8 +38,12 @@ def state_around_a_forward_step():
     model.train()
     output, loss_func = forward_step(iter([microbatch]), model)
     loss_func(output)  # as megatron-core's schedule: after the forward step has returned
+    from symnoise_megatron.noise.embedding_noise import embedding_noise
+
     after = {"noise_batch": embedding.noise_batch, "loss_positions": model.loss_positions,
-             "noised": not torch.allclose(outputs[0], torch.nn.functional.embedding(tokens, embedding.weight))}
+             "added": outputs[0] - torch.nn.functional.embedding(tokens, embedding.weight).detach(),
+             "expected": embedding_noise(NoiseConfig("symmetric", 5.0), microbatch.sample_uids, positions,
+                                         microbatch.lengths, embedding.embedding_dim)}
     try:
         model(tokens, positions, microbatch.attention_mask(), labels=microbatch.labels)
         after["second_forward"] = "ran"
@@ -50,7 +54,9 @@ def state_around_a_forward_step():
 
 def test_a_forward_step_leaves_no_noise_batch_and_no_loss_positions_behind():
     after = run_distributed(state_around_a_forward_step, 1)[0]
-    assert after["noised"]
+    # What the forward step handed over is what the embedding added: this micro-batch's noise, sign +1.
+    assert after["expected"].abs().min() > 0
+    torch.testing.assert_close(after["added"], after["expected"], rtol=0, atol=1e-6)
     assert after["noise_batch"] is None and after["loss_positions"] is None
     # Without a batch of its own, a training forward is refused rather than noised with the last one.
     assert "got no NoiseBatch" in after["second_forward"]

@@ -101,13 +101,16 @@ def test_packed_rows_train_the_same_losses_under_pipeline_parallelism(data_prefi
 
 
 def test_concat_and_microbatch_pairing_follow_the_same_trajectory(data_prefix):
-    concat, split, none = run_distributed(train_runs, 1, [
+    concat, split, none, one_sign = run_distributed(train_runs, 1, [
         dict(BASE, data_path=[data_prefix], noise_pairing="concat"),
         dict(BASE, data_path=[data_prefix], noise_pairing="microbatch"),
-        dict(BASE, data_path=[data_prefix], noise_kind="none"),
+        dict(BASE, data_path=[data_prefix], noise_kind="none", train_iters=1),
+        dict(BASE, data_path=[data_prefix], noise_kind="bernoulli", train_iters=1),
     ])[0]
     assert split == pytest.approx(concat, rel=2e-5, abs=2e-5)
-    assert none != pytest.approx(concat, rel=1e-4)  # the noise really is in the step
+    # Both pairings carry both signs: the first step's loss is neither the clean one nor that of
+    # the + copy alone (bernoulli draws the same eps). Its exact value: tests/training/test_oracle_step.py.
+    assert concat[0] != pytest.approx(none[0], rel=1e-6) and concat[0] != pytest.approx(one_sign[0], rel=1e-6)
 
 
 def grad_norm_history(runs, fused):
@@ -149,19 +152,96 @@ def test_weight_gradients_accumulated_in_place_match_megatrons_unfused_path(data
     assert flat == pytest.approx([value for record in unfused for value in record], rel=1e-5, abs=1e-6)
 
 
-def test_resume_is_exact_and_works_under_another_layout(data_prefix, tmp_path):
+def optimizer_state(trainer):
+    """Adam's step and moments per parameter name, and the parameter itself, on this rank."""
+    names = {id(param): name for chunk in trainer.chunks for name, param in chunk.module.named_parameters()}
+    state = {}
+    for optimizer in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for group in optimizer.optimizer.param_groups:
+            for param in group["params"]:
+                moments = optimizer.optimizer.state[param]
+                state[names[id(param)]] = {key: torch_clone(moments[key]) for key in ("step", "exp_avg", "exp_avg_sq")}
+                state[names[id(param)]]["param"] = torch_clone(param)
+    return state
+
+
+def torch_clone(value):
+    return value.detach().clone() if hasattr(value, "detach") else value
+
+
+def resume_runs(runs):
+    """Per (config, rank to SIGTERM after iteration 2 or None): the losses, rank 0's log lines
+    and the optimizer state at the end, on each rank."""
+    import signal
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from symnoise_megatron.training.loop import Trainer
+
+    out = []
+    for config, signalled_rank in runs:
+        messages = []
+        trainer = Trainer(TrainingConfig.from_flags(**config), log=messages.append)
+        train_one = trainer._train_one_iteration
+
+        def train_one_then_signal():
+            record = train_one()
+            if trainer.iteration == 2 and dist.get_rank() == signalled_rank:
+                os.kill(os.getpid(), signal.SIGTERM)  # this rank only: the others are not told
+            return record
+
+        trainer._train_one_iteration = train_one_then_signal
+        losses = [record["loss"] for record in trainer.run()]
+        out.append((losses, messages, optimizer_state(trainer)))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2_resume(data_prefix, tmp_path_factory):
+    """TP 2 runs: straight; stopped by SIGTERM to rank 1 alone after iteration 2, then resumed;
+    stopped by --exit-interval 2, then resumed under TP 1 x PP 2."""
+    root = tmp_path_factory.mktemp("resume")
     common = dict(BASE, data_path=[data_prefix], tensor_model_parallel_size=2, eval_interval=None)
-    straight, first_half, _ = run_distributed(train_runs, 2, [
-        dict(common, save=str(tmp_path / "straight")),
-        dict(common, save=str(tmp_path / "stopped"), exit_interval=2),
-        dict(common, save=str(tmp_path / "stopped_copy"), exit_interval=2),
-    ])[0]
-    assert len(first_half) == 2 and first_half == straight[:2]
-    second_half = run_distributed(train_runs, 2, [dict(common, save=str(tmp_path / "stopped"))])[0][0]
-    assert second_half == straight[2:], "resuming must reproduce the uninterrupted run bit for bit"
-    other_layout = dict(common, save=str(tmp_path / "stopped_copy"), tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
-    resumed_elsewhere = run_distributed(train_runs, 2, [other_layout])[0][0]
-    assert resumed_elsewhere == pytest.approx(straight[2:], rel=2e-5, abs=2e-5)
+    runs = {"straight": (dict(common, save=str(root / "straight")), None),
+            "signalled": (dict(common, save=str(root / "signalled")), 1),
+            "exited": (dict(common, save=str(root / "exited"), exit_interval=2), None)}
+    ranks = run_distributed(resume_runs, 2, list(runs.values()))
+    out = {name: [rank[i] for rank in ranks] for i, name in enumerate(runs)}
+    out["resumed"] = [rank[0] for rank in run_distributed(resume_runs, 2, [runs["signalled"]])]
+    other_layout = dict(runs["exited"][0], tensor_model_parallel_size=1, pipeline_model_parallel_size=2, exit_interval=None)
+    out["resumed_elsewhere"] = [rank[0] for rank in run_distributed(resume_runs, 2, [(other_layout, None)])]
+    out["save"] = {name: config["save"] for name, (config, _) in runs.items()}
+    return out
+
+
+def test_sigterm_to_one_rank_saves_and_stops_every_rank(tp2_resume):
+    from symnoise_megatron.checkpoint.paths import read_tracker
+
+    signalled = tp2_resume["signalled"]
+    assert [len(losses) for losses, _, _ in signalled] == [2, 2]  # rank 0 stopped too, unsignalled
+    assert "exiting at iteration 2 (SIGTERM)" in signalled[0][1]
+    assert read_tracker(tp2_resume["save"]["signalled"]) == 4  # saved at 2, then the resumed run finished
+    assert any(m.startswith("saved checkpoint at iteration 2 ") for m in signalled[0][1]), signalled[0][1]
+
+
+def test_resume_is_exact_to_the_optimizer_state_and_works_under_another_layout(tp2_resume):
+    straight = tp2_resume["straight"]
+    first_half, resumed = tp2_resume["signalled"], tp2_resume["resumed"]
+    for rank in range(2):
+        assert first_half[rank][0] == straight[rank][0][:2]
+        assert resumed[rank][0] == straight[rank][0][2:], "resuming must reproduce the uninterrupted run bit for bit"
+        # Adam's moments and step count of every parameter, and the parameter, compared directly.
+        expected, got = straight[rank][2], resumed[rank][2]
+        assert expected and set(got) == set(expected)
+        for name, state in expected.items():
+            assert int(got[name]["step"]) == int(state["step"]) == BASE["train_iters"], name
+            for key in ("exp_avg", "exp_avg_sq", "param"):
+                assert got[name][key].equal(state[key]), (rank, name, key)
+    assert tp2_resume["exited"][0][0] == straight[0][0][:2]
+    assert tp2_resume["resumed_elsewhere"][-1][0] == pytest.approx(straight[0][0][2:], rel=2e-5, abs=2e-5)
 
 
 def bf16_parameter_dtypes(config):
