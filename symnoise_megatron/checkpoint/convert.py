@@ -246,15 +246,16 @@ def _load_full(metadata, checkpoint_dir):
     A key is read whole: megatron-core's torch_dist reader cannot read one layer of a
     stacked tensor when other layers exist, so peak memory is the largest stacked key.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from symnoise_megatron.common import megatron_versions
 
     request = {
         key: ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype), replica_id=0,
                                              allow_shape_mismatch=not key.startswith(LAYER_PREFIX))
         for key, meta in metadata.items()
     }
-    return dist_checkpointing.load(request, checkpoint_dir)
+    return megatron_versions.load(request, checkpoint_dir)
 
 
 def megatron_to_hf(load_dir: str, save_dir: str, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
