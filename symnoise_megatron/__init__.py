@@ -2,8 +2,7 @@
 
 __version__ = "0.1.0"
 
-import warnings as _warnings
+from symnoise_megatron.common import third_party_warnings as _third_party_warnings
 
-# megatron-core announces at import that it falls back to torch kernels where Transformer
-# Engine and Apex are absent: always so on CPU, where it is expected and not actionable.
-_warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+# Before anything imports megatron-core: the warnings it prints that tell a user nothing.
+_third_party_warnings.install()

@@ -1,10 +1,48 @@
 """Fixtures shared across the suite: the real pretrained SmolLM2, materialised once per run."""
 
 import os
+from collections import Counter
 
 import pytest
 
 from tests import distributed
+
+# CI's second leg (another megatron-core release, .ci/run) runs the tests that depend on it: every
+# test that starts ranks, the model, noise and checkpoint folders, the CPU runtime and the filter
+# of megatron-core's known warnings. SLURM's jobs run the examples with .venv/ (the first leg's),
+# so they stay in the first leg.
+MEGATRON_CORE_TESTS = ("tests/model/", "tests/noise/", "tests/checkpoint/", "tests/runtime/test_cpu_runtime.py",
+                       "tests/common/test_third_party_warnings.py")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--megatron-core-subset", action="store_true",
+                     help="CI's second leg: only the tests marked distributed (but not slurm) and those under "
+                          f"{', '.join(MEGATRON_CORE_TESTS)}; names the files it leaves out")
+
+
+def in_megatron_core_subset(item) -> bool:
+    return ((item.nodeid.startswith(MEGATRON_CORE_TESTS) or item.get_closest_marker("distributed") is not None)
+            and item.get_closest_marker("slurm") is None)
+
+
+@pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--megatron-core-subset"):
+        return
+    left_out = [item for item in items if not in_megatron_core_subset(item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if in_megatron_core_subset(item)]
+    config.megatron_core_subset_left_out = Counter(item.nodeid.split("::")[0] for item in left_out)
+
+
+def pytest_report_collectionfinish(config):
+    left_out = getattr(config, "megatron_core_subset_left_out", None)
+    if left_out is None:
+        return []
+    return [f"--megatron-core-subset leaves out {sum(left_out.values())} tests (they run in the first leg):"] + [
+        f"  {path}: {count}" for path, count in sorted(left_out.items())]
 
 
 def pytest_runtest_setup(item):

@@ -91,11 +91,12 @@ class ExportPlan:
 def _load(checkpoint_dir: str, metadata: dict, read: Optional[Read]) -> Optional[torch.Tensor]:
     """The tensor ``read`` names (a layer's slice keeps its leading axis of 1); None joins the
     other ranks' load with nothing to read."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from symnoise_megatron.common import megatron_versions
+
     if read is None:
-        dist_checkpointing.load({}, checkpoint_dir, validate_access_integrity=False)
+        megatron_versions.load({}, checkpoint_dir, validate_access_integrity=False)
         return None
     meta = metadata[read.key]
     shape = tuple(meta.global_shape)
@@ -107,7 +108,7 @@ def _load(checkpoint_dir: str, metadata: dict, read: Optional[Read]) -> Optional
                                                   (0, read.layer, shape[0]), replica_id=0)
     # Each rank reads only its slices: no rank covers the whole tensor, which megatron-core's
     # access check would otherwise require.
-    return dist_checkpointing.load({read.key: request}, checkpoint_dir, validate_access_integrity=False)[read.key]
+    return megatron_versions.load({read.key: request}, checkpoint_dir, validate_access_integrity=False)[read.key]
 
 
 def _hf_tensors(plan: ExportPlan, read: Read, loaded: torch.Tensor, load_dir: str) -> Dict[str, torch.Tensor]:

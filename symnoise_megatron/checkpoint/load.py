@@ -37,13 +37,14 @@ def load_model_weights(chunks: List[torch.nn.Module], checkpoint_dir: str) -> No
     A converted checkpoint has no ``_extra_state`` (Transformer Engine's FP8 scaling history):
     those entries are left at their initial values, everything else must be present.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    from symnoise_megatron.common import megatron_versions
 
     request = model_sharded_state_dict(chunks)
     present = set(load_sharded_metadata(checkpoint_dir))
     allowed_missing = set(_drop_absent_objects(request, present))
-    loaded = dist_checkpointing.load(request, checkpoint_dir)
+    loaded = megatron_versions.load(request, checkpoint_dir)
     for chunk, name in zip(chunks, model_state_names(len(chunks))):
         result = chunk.load_state_dict(loaded[name], strict=False)
         missing = [key for key in result.missing_keys if key not in allowed_missing and not key.endswith("_extra_state")]

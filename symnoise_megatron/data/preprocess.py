@@ -411,21 +411,20 @@ def preprocess(config: PreprocessConfig) -> dict:
         row_counts = [readers.count_rows(p) for p in paths]
         total_rows = sum(row_counts) if None not in row_counts else None
     temporary = {key: f"{path}.tmp-{os.getpid()}" for key, path in out.items()}
-    builders = {}
     counts = Counter()
     dropped, skipped, boundaries = Counter(), Counter(), Counter()
     skipped_examples: List[str] = []
     all_lengths: List[np.ndarray] = []
-    bar = tqdm(total=total_rows, unit="rows", desc="preprocess", disable=not config.progress, dynamic_ncols=True)
     context = multiprocessing.get_context("spawn")
-    pool = None
-    # One handler from the first file created on: an interrupt at any point (Ctrl-C between
-    # creating the files and reading the first row included) leaves no temporary behind.
+    pool = bar = None
+    builders = {}
+    # One try from the first temporary file on: a Ctrl-C anywhere after it removes them all.
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(config.output_prefix)
         builders["tokens"] = IndexedWriter(temporary["tokens"] + ".bin", dtype)
         builders["loss_mask"] = IndexedWriter(temporary["loss_mask"] + ".bin", np.uint8)
+        bar = tqdm(total=total_rows, unit="rows", desc="preprocess", disable=not config.progress, dynamic_ncols=True)
         if config.workers == 1:
             _init_worker(config, template.name)
             results = map(_process_chunk, _jobs(config, file_formats))
@@ -460,7 +459,8 @@ def preprocess(config: PreprocessConfig) -> dict:
         for key, builder in builders.items():
             builder.finalize(temporary[key] + ".idx")
     except BaseException as error:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
         for builder in builders.values():

@@ -68,6 +68,20 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _HostStream:
+    """Stands in for ``torch.cuda.current_stream()``: megatron-core 0.19's gradient sync waits on
+    it for CUDA-graph events before each reduce; on the host every op has already run."""
+
+    def wait_event(self, event=None) -> None:
+        pass
+
+    def wait_stream(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _NoForkTracker:
     """Stands in for megatron's CUDA RNG tracker: dropout under ``fork()`` uses the CPU RNG."""
 
@@ -98,6 +112,7 @@ def cpu_runtime(force: bool = False) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("torch.cuda.current_device", lambda: "cpu"))
         stack.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
+        stack.enter_context(mock.patch("torch.cuda.current_stream", lambda *a, **k: _HostStream()))
         stack.enter_context(
             mock.patch.object(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker)
         )

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from symnoise_megatron.checkpoint import paths, provenance
 from symnoise_megatron.checkpoint.load import model_sharded_state_dict, model_state_names
+from symnoise_megatron.common import megatron_versions
 from symnoise_megatron.common.files import sha256_of_file, write_json_atomically
 from symnoise_megatron.common.processes import pid_alive
 
@@ -362,20 +363,16 @@ def _publish(staging: str, record: Optional[dict]) -> None:
 
 def checkpoint_noise(root: str) -> Optional[dict]:
     """The noise settings the latest checkpoint under ``root`` trained with (None if unrecorded)."""
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(paths.latest_checkpoint_dir(root)).get("noise")
+    return megatron_versions.load_common_state_dict(paths.latest_checkpoint_dir(root)).get("noise")
 
 
 def load_checkpoint(root, chunks, optimizer, scheduler, sampler) -> int:
     """Restore everything from the latest checkpoint under ``root``; returns its iteration."""
-    from megatron.core import dist_checkpointing
-
     directory = paths.latest_checkpoint_dir(root)
-    recorded = dist_checkpointing.load_common_state_dict(directory).get(OPTIMIZER_FORMAT_KEY)
+    recorded = megatron_versions.load_common_state_dict(directory).get(OPTIMIZER_FORMAT_KEY)
     stored_format = _format_to_read(directory, recorded, optimizer_format(optimizer, False, len(chunks)))
     with _torch_adam_state_loadable(optimizer) if stored_format else contextlib.nullcontext():
-        state = dist_checkpointing.load(_state(chunks, optimizer, is_loading=True, optimizer_format=stored_format), directory)
+        state = megatron_versions.load(_state(chunks, optimizer, is_loading=True, optimizer_format=stored_format), directory)
         for chunk, name in zip(chunks, model_state_names(len(chunks))):
             chunk.load_state_dict(state[name], strict=False)
         optimizer.load_state_dict(state["optimizer"])
