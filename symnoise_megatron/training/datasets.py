@@ -73,6 +73,19 @@ class TrainingData:
                 f"{len(self.train_indices)} train, {len(self.valid_indices)} validation, {len(self.test_indices)} test "
                 "(the test part is set aside: neither trained nor validated on)")
 
+    def validation_note(self, eval_interval: Optional[int]) -> Optional[str]:
+        """A line for the log when validation and the split disagree: validation asked for with an
+        empty validation part (skipped), or a --split validation part held back that no validation
+        reads (those samples are not trained on either)."""
+        if eval_interval and not len(self.valid_indices):
+            source = (f"--valid-data-path {' '.join(self.options.valid_data_path)}" if self.options.valid_data_path
+                      else f"--split {self.options.split}")
+            return f"no validation: the validation part is empty ({source}), so --eval-interval {eval_interval} is skipped"
+        if not eval_interval and len(self.valid_indices) and not self.options.valid_data_path:
+            return (f"--split {self.options.split} holds back {len(self.valid_indices)} samples for validation, which "
+                    "never runs without --eval-interval: they are not trained on (--split 100,0 trains on every sample)")
+        return None
+
     def blend_description(self, order, total_samples: int) -> Optional[str]:
         """For a blend, what the run's ``total_samples`` draw from each prefix and how often each is seen."""
         if len(self.train_parts) < 2:

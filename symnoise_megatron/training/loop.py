@@ -55,6 +55,9 @@ class Trainer:
         self.config, self.log = config, log
         self.datasets = load_training_data(config.data, config.optimizer.seed)
         log(self.datasets.split_description())
+        validation_note = self.datasets.validation_note(config.logging.eval_interval)
+        if validation_note:
+            log(validation_note)
         self.model_config = resolve_model_config(config, self.datasets.vocab_size)
         check_tokenizers(config.data, self.datasets.described(), tokenizer_checkpoint(config), log)
         self.parallel = parallel_layout(config, self.model_config)
@@ -125,7 +128,7 @@ class Trainer:
             if self.metrics.log_due(self.train_iters):  # as Megatron-LM: the step's line, then its validation
                 self.metrics.log_window(record, self.train_iters, self.sampler.consumed_samples,
                                         self.skipped_iterations, self._noise_scale())
-            if self._due(self.config.logging.eval_interval):
+            if self._due(self.config.logging.eval_interval) and len(self.datasets.valid_indices):
                 with self.metrics.paused(), self.gc.around_validation():
                     record["validation_loss"] = self.evaluate()
                 self.metrics.validation(record["validation_loss"])

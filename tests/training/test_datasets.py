@@ -40,6 +40,18 @@ def test_two_weights_leave_no_test_part(bundled_prefix):
     assert np.array_equal(np.sort(np.concatenate([data.train_indices, data.valid_indices])), np.arange(316))
 
 
+def test_the_log_says_when_validation_and_the_split_disagree(bundled_prefix):
+    held_back = load_training_data(DataOptions(data_path=[bundled_prefix], split="98,2"), seed=1234)
+    assert held_back.validation_note(eval_interval=None) == (
+        "--split 98,2 holds back 6 samples for validation, which never runs without --eval-interval: they are not "
+        "trained on (--split 100,0 trains on every sample)")
+    assert held_back.validation_note(eval_interval=10) is None
+    everything = load_training_data(DataOptions(data_path=[bundled_prefix], split="100,0"), seed=1234)
+    assert everything.validation_note(eval_interval=None) is None
+    assert everything.validation_note(eval_interval=10) == (
+        "no validation: the validation part is empty (--split 100,0), so --eval-interval 10 is skipped")
+
+
 @pytest.fixture(scope="module")
 def small_prefixes(tmp_path_factory):
     """30 bundled rows in the Alpaca template, the same in Vicuna's, and with another tokenizer."""

@@ -335,6 +335,17 @@ def test_each_step_line_comes_before_its_validation_line(data_prefix):
     assert kinds == ["step", "validation", "step", "validation"], lines
 
 
+def test_an_empty_validation_part_skips_validation_and_says_so_once(data_prefix):
+    # --split 100,0 under a run config's eval_interval: every --eval-interval finds no validation
+    # sample (evaluate() has no loss to give); the run trains on and says why once.
+    history, messages = run_distributed(logged_run, 1, dict(BASE, data_path=[data_prefix], train_iters=2, split="100,0",
+                                                            eval_interval=1, eval_iters=1))[0]
+    assert len(history) == 2
+    assert not any("validation loss at" in message for message in messages), messages
+    notes = [message for message in messages if message.startswith("no validation")]
+    assert notes == ["no validation: the validation part is empty (--split 100,0), so --eval-interval 1 is skipped"]
+
+
 def logged_run(config):
     messages = []
     return train_runs([config], log_hook=messages.append)[0], messages
