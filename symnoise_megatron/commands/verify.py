@@ -15,6 +15,7 @@ import json
 import torch.distributed as dist
 
 from symnoise_megatron.commands.errors import exits_on_user_error
+from symnoise_megatron.common.extras import require
 from symnoise_megatron.runtime.cpu import runtime_for_this_machine
 from symnoise_megatron.model.parallelism import ParallelConfig
 from symnoise_megatron.runtime.parallel import destroy_distributed, initialize_distributed
@@ -40,6 +41,7 @@ def run(args):
     from symnoise_megatron.checkpoint.convert import model_config_of
     from symnoise_megatron.checkpoint.verify import check_same_model, compare_with_transformers
 
+    require("transformers", "symnoise-verify runs the Hugging Face model beside the checkpoint")
     # A folder that is no checkpoint (or holds only an unfinished save), or two different
     # models, fail here, before any rank waits on another.
     paths.read_info(args.megatron_dir)

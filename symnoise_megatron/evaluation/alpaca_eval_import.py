@@ -29,6 +29,9 @@ import importlib.metadata
 import sys
 import types
 
+from symnoise_megatron.common.extras import install_command, require
+
+
 def _pkg_resources_stand_in() -> types.ModuleType:
     from packaging.version import parse
 
@@ -86,11 +89,12 @@ def alpaca_eval() -> types.ModuleType:
         import pkg_resources  # noqa: F401
     except ImportError:
         sys.modules["pkg_resources"] = _pkg_resources_stand_in()
+    require("alpaca_eval", "symnoise-evaluate alpacaeval")
     try:
         module = importlib.import_module("alpaca_eval")
         importlib.import_module("alpaca_eval.main")
-    except ImportError as error:
-        raise ValueError(f"alpaca-eval is not installed ({error}); pip install \".[eval]\"") from None
+    except ImportError as error:  # installed, but one of its own imports fails
+        raise ValueError(f"alpaca-eval cannot be imported ({error}); {install_command('eval')} installs what it needs") from None
     _shim_cache_loader()
     try:
         _shim_local_decoder()
@@ -106,4 +110,4 @@ def local_decoder_ready() -> None:
         _shim_local_decoder()
     except ImportError as error:
         raise ValueError(f"alpaca-eval's huggingface_local_completions cannot load: {error} "
-                         "(pip install \".[eval]\" installs peft, which it imports)") from None
+                         f"({install_command('eval')} installs peft, which it imports)") from None

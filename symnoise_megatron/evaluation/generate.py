@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from symnoise_megatron.common.extras import require
 from symnoise_megatron.data.templates import Example, Turn, get_template, stop_ids
 from symnoise_megatron.data.tokenizer import TokenizerSpec
 from symnoise_megatron.evaluation.records import meta_path, read_records, write_json, write_records
@@ -240,9 +241,7 @@ class Generator(_Engine):
         super().__init__(hf_dir, template, seed, source, settings or EngineSettings("transformers"))
         placement = {}
         if torch.cuda.is_available():
-            if importlib.util.find_spec("accelerate") is None:
-                raise ValueError("the transformers engine places a model on GPUs with accelerate (device_map=auto): "
-                                 "pip install accelerate")
+            require("accelerate", "the transformers engine places a model on GPUs with device_map=auto", extra="eval")
             placement = {"device_map": "auto"}
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=DTYPES[self.settings.dtype], **placement)
         self.model.eval()
@@ -353,7 +352,7 @@ def resolve_engine(engine: str) -> str:
     if engine == "auto":
         return "vllm" if has_vllm and torch.cuda.is_available() else "transformers"
     if engine == "vllm" and not has_vllm:
-        raise ValueError("--engine vllm: the vllm package is not installed (pip install vllm, on a GPU machine)")
+        require("vllm", "--engine vllm, on a GPU machine, in an environment of its own")
     return engine
 
 

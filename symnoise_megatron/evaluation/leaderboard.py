@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from symnoise_megatron.common.extras import install_command, require
 from symnoise_megatron.evaluation.records import write_json
 
 OPEN_LLM_LEADERBOARD_V1: Dict[str, int] = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0}
@@ -112,12 +113,13 @@ def lm_eval_results_path(output: str) -> str:
 
 
 def _lm_eval():
+    require("lm_eval", "symnoise-evaluate leaderboard")
     try:
         import lm_eval
         import lm_eval.evaluator  # noqa: F401
         from lm_eval.tasks import TaskManager  # noqa: F401
-    except ImportError as error:
-        raise ValueError(f"lm-eval is not installed ({error}); pip install \".[eval]\"") from None
+    except ImportError as error:  # installed, but one of its own imports fails
+        raise ValueError(f"lm-eval cannot be imported ({error}); {install_command('eval')} installs what it needs") from None
     return lm_eval
 
 

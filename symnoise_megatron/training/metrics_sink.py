@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
+from symnoise_megatron.common.extras import require
 from symnoise_megatron.model.config import ModelConfig
 from symnoise_megatron.runtime.hardware import device_peak_tflops
 from symnoise_megatron.training import metrics
@@ -17,15 +18,9 @@ from symnoise_megatron.training.arguments import LoggingOptions, TrainingConfig
 def check_logging_packages(options: LoggingOptions) -> None:
     """At start, before any work: the packages the logging flags need are installed."""
     if options.tensorboard_dir:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
+        require("tensorboard", "--tensorboard-dir")
     if options.wandb_project:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ValueError("--wandb-project needs the wandb package: pip install wandb") from None
+        require("wandb", "--wandb-project")
 
 
 class MetricsSink:

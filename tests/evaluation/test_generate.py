@@ -274,7 +274,7 @@ def test_bad_settings_and_outputs_are_one_line_errors(checkpoints, tmp_path, cap
     hf_dir, _, prompts = checkpoints
     common = ["--hf-dir", hf_dir, "--prompts", prompts, "--no-progress"]
     for flags, message in ((["--batch-size", "0"], "--batch-size"), (["--repetition-penalty", "0"], "--repetition-penalty"),
-                           (["--top-p", "1.5"], "--top-p"), (["--engine", "vllm"], "vllm package is not installed")):
+                           (["--top-p", "1.5"], "--top-p"), (["--engine", "vllm"], 'vllm is not installed (--engine vllm')):
         assert main(common + ["--output", str(tmp_path / "x.json")] + flags) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "broken.json").write_text('[{"instruction": "What is the capital of France?", "output": "Paris"')
