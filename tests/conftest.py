@@ -17,13 +17,15 @@ MEGATRON_CORE_TESTS = ("tests/model/", "tests/noise/", "tests/checkpoint/", "tes
 
 def pytest_addoption(parser):
     parser.addoption("--megatron-core-subset", action="store_true",
-                     help="CI's second leg: only the tests marked distributed (but not slurm) and those under "
+                     help="CI's second leg: only the tests marked distributed (but not slurm or install) and those under "
                           f"{', '.join(MEGATRON_CORE_TESTS)}; names the files it leaves out")
 
 
 def in_megatron_core_subset(item) -> bool:
+    # The install tests build the package's own environment (the first leg's versions), whatever
+    # runs them: a second run would only install 0.19's CUDA torch again.
     return ((item.nodeid.startswith(MEGATRON_CORE_TESTS) or item.get_closest_marker("distributed") is not None)
-            and item.get_closest_marker("slurm") is None)
+            and item.get_closest_marker("slurm") is None and item.get_closest_marker("install") is None)
 
 
 @pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests
