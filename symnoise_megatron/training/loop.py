@@ -105,7 +105,8 @@ class Trainer:
             pin=self.device.type == "cuda")
         # The next step's batches are built while this one runs (training/prefetch.py).
         self.train_batches = Prefetcher(lambda consumed: self.batches.staged(
-            self.sampler.batch_at(consumed), self.datasets.train_indices, self.datasets.train, self.noise), "train")
+            self.sampler.batch_at(consumed), self.datasets.train_indices, self.datasets.train, self.noise), "train",
+            self.device)
         self.cuda_graphs = CudaGraphCapture(
             config, self.transformer_config, self.chunks, self.optimizer, *self._schedule_shape(self.noise),
             self.noise.microbatches_per_step(options.global_batch_size // (options.micro_batch_size * self.dp_size)),
@@ -231,7 +232,7 @@ class Trainer:
         sampler = self._sampler(self.datasets.valid_order())
         clean = NoiseConfig("none")
         batches = Prefetcher(lambda consumed: self.batches.staged(
-            sampler.batch_at(consumed), valid_indices, self.datasets.valid, clean), "validation")
+            sampler.batch_at(consumed), valid_indices, self.datasets.valid, clean), "validation", self.device)
         loss_sum = tokens = 0.0
         size, iters = self.config.optimizer.global_batch_size, self.config.logging.eval_iters
         try:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Generic, Optional, Tuple, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -26,9 +28,14 @@ class Prefetcher(Generic[T]):
     One build at a time (the builder's caches, such as the sample order's, are not shared between
     threads): a request for a key other than the one being built waits for that build first."""
 
-    def __init__(self, build: Callable[[int], T], name: str = "batches"):
+    def __init__(self, build: Callable[[int], T], name: str = "batches", device=None):
         self.build = build
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"symnoise-{name}")
+        # A CUDA device: the thread's pinned allocations are made on this rank's GPU, as torch's
+        # DataLoader does in its pin-memory thread (a new thread's current device is GPU 0, where
+        # every rank of a node would otherwise open a context).
+        cuda = device is not None and torch.device(device).type == "cuda"
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"symnoise-{name}",
+                                           initializer=(lambda: torch.cuda.set_device(device)) if cuda else None)
         self.pending: Optional[Tuple[int, Future]] = None
 
     def get(self, key: int, next_key: Optional[int] = None) -> T:

@@ -10,8 +10,8 @@ from symnoise_megatron.training.prefetch import Prefetcher
 
 
 def test_the_next_batch_is_built_in_the_background_while_the_caller_works():
-    """The build of key 1 starts when key 0 is handed over and runs while the caller still holds
-    the GIL-free wait below: it can only finish because it ran beside the caller (no timing)."""
+    """The build of key 1 starts when key 0 is handed over and waits for the caller's work to start:
+    it can only finish because it runs beside the caller (no timing)."""
     caller_working = threading.Event()
     built_in = {}
 
