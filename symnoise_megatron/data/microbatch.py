@@ -61,7 +61,7 @@ def thd_segments(position_ids: torch.Tensor, lengths: torch.Tensor) -> ThdSegmen
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [b, s], got shape {tuple(position_ids.shape)}")
     if position_ids.device.type != "cpu" or lengths.device.type != "cpu":
-        raise ValueError("thd segments are computed from host tensors, before the micro-batch moves (MicroBatch.to)")
+        raise ValueError("thd segments are computed from host tensors, before the micro-batch moves (stage, MicroBatch.to)")
     positions = position_ids.to(torch.int64)
     rows, seq = positions.shape
     lengths = lengths.to(torch.int64)

@@ -64,7 +64,8 @@ def forward_step(data_iterator: Iterator[MicroBatch], model, every_position: boo
     if packs_in_thd(model, microbatch):
         if microbatch.packed_segments is None:
             raise ValueError("packed rows reach the Transformer Engine spec without their thd segments: "
-                             "move micro-batches with MicroBatch.to(device), which takes them on the host")
+                             "stage micro-batches with data.microbatch.stage (or move them with MicroBatch.to), "
+                             "which takes them on the host")
         # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
         # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
         rows, seq = microbatch.position_ids.shape

@@ -28,8 +28,10 @@ On this CPU the copy itself is a no-op; the bytes each path copies to the device
 
 Overlap: steps of a simulated device step (``time.sleep``, which lets the host thread run, as a GPU
 step waiting on its kernels and collectives does) of the planner's estimated step time for the
-layout, and of the measured host time itself (the case where the sum would be twice the longer);
-before: host then device in series; after: the next step built by ``Prefetcher`` while the device
+layout; and, to show the mechanism where it matters, a host step --overlap-scale times the
+layout's (so that it is well above the millisecond a thread hand-over and a sleep's overshoot
+cost) against a device step of that host time (where the sum would be twice the longer).
+Before: host then device in series; after: the next step built by ``Prefetcher`` while the device
 sleeps. The wall time per step is reported against the sum and the longer of the two.
 ``--smallest``: a tiny batch shape and a 10 ms device step (CI runs it; the figures mean nothing).
 """
@@ -201,7 +203,7 @@ def overlap(build_serial, build_prefetched, device_seconds: float, steps: int) -
     return {"device_s": device_seconds, "serial_step_s": serial, "prefetched_step_s": prefetched}
 
 
-def bench_layout(name, layout, steps, overlap_steps, pack_sequences, device, smallest):
+def bench_layout(name, layout, steps, overlap_steps, pack_sequences, device, smallest, overlap_scale):
     from symnoise_megatron.model.config import preset
 
     model, seq, samples, mbs, pairing, tp, pp, vpp, dp, gpus, fp8 = layout
@@ -223,8 +225,25 @@ def bench_layout(name, layout, steps, overlap_steps, pack_sequences, device, sma
                       "before_ms_per_row": 1e3 * before_s / samples, "after_ms_per_row": 1e3 * after_s / samples,
                       "runs": after_runs, "before_bytes": before_bytes, "after_bytes": after_bytes}
     # The overlap, on the rank kind with the most host work (every field: the first or only stage).
-    heaviest = kinds[0]
-    batches = after_batches(config, KINDS[heaviest], hidden)
+    kind = KINDS[kinds[0]]
+    planned = 0.01 if smallest else planner_step_seconds(layout)
+    overlaps = [dict(overlap_of(layout, 1, kind, pack_sequences, noise, hidden, device, planned, steps, overlap_steps),
+                     device="planner's step estimate")]
+    scaled = overlap_of(layout, overlap_scale, kind, pack_sequences, noise, hidden, device, None, steps, overlap_steps)
+    overlaps.append(dict(scaled, device=f"host time of {overlap_scale} x the samples"))
+    return {"layout": name, "seq_length": seq, "samples_per_rank": samples, "micro_batch_size": mbs, "pairing": pairing,
+            "pipeline": pp, "pack_sequences": pack_sequences, "kinds": rows, "overlap": overlaps}
+
+
+def overlap_of(layout, scale, kind, pack_sequences, noise, hidden, device, device_seconds, steps, overlap_steps):
+    """The overlap of a host step of ``scale`` x the layout's samples with a device step of
+    ``device_seconds`` (None: the host step's own median time)."""
+    layout = list(layout)
+    layout[2] *= scale
+    config = config_for(tuple(layout), pack_sequences)
+    samples, mbs = layout[2], layout[3]
+    data = SyntheticSamples(samples * (max(steps, overlap_steps) + 2), layout[1], seed=1)
+    batches = after_batches(config, kind, hidden)
 
     def serial(step):
         before_step(config, groups_at(step, samples, mbs, len(data.lengths)), data, noise, device)
@@ -232,14 +251,10 @@ def bench_layout(name, layout, steps, overlap_steps, pack_sequences, device, sma
     def prefetched(step):
         return batches.staged(groups_at(step, samples, mbs, len(data.lengths)), np.arange(len(data.lengths)), data, noise)
 
-    host_s = rows[heaviest]["before_ms"] / 1e3
-    planned = 0.01 if smallest else planner_step_seconds(layout)
-    overlaps = [dict(overlap(serial, prefetched, planned, overlap_steps), device="planner's step estimate")]
-    overlaps.append(dict(overlap(serial, prefetched, host_s, overlap_steps), device="the host time itself"))
-    for entry in overlaps:
-        entry["host_s"] = host_s
-    return {"layout": name, "seq_length": seq, "samples_per_rank": samples, "micro_batch_size": mbs, "pairing": pairing,
-            "pipeline": pp, "pack_sequences": pack_sequences, "kinds": rows, "overlap": overlaps}
+    host_s, _ = timed(serial, steps)
+    entry = overlap(serial, prefetched, host_s if device_seconds is None else device_seconds, overlap_steps)
+    entry.update(host_s=host_s, samples_per_rank=samples)
+    return entry
 
 
 def print_report(results):
@@ -254,13 +269,14 @@ def print_report(results):
                   f"{row['before_ms'] / max(row['after_ms'], 1e-9):.2f}x | {row['before_bytes'] / 2**20:.1f} MiB | "
                   f"{row['after_bytes'] / 2**20:.1f} MiB |")
     print()
-    print("| layout | simulated device step | host s | device s | before: s/step (host + device) | "
+    print("| layout | simulated device step | samples a rank | host s | device s | before: s/step (host + device) | "
           "after: s/step (prefetched) | after / max(host, device) | after / (host + device) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for result in results:
         for entry in result["overlap"]:
             longer, total = max(entry["host_s"], entry["device_s"]), entry["host_s"] + entry["device_s"]
-            print(f"| {result['layout']} | {entry['device']} | {entry['host_s']:.3f} | {entry['device_s']:.3f} | "
+            print(f"| {result['layout']} | {entry['device']} | {entry['samples_per_rank']} | {entry['host_s']:.3f} | "
+                  f"{entry['device_s']:.3f} | "
                   f"{entry['serial_step_s']:.3f} | {entry['prefetched_step_s']:.3f} | "
                   f"{entry['prefetched_step_s'] / longer:.2f} | {entry['prefetched_step_s'] / total:.2f} |")
 
@@ -271,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (after one warm-up)")
     parser.add_argument("--overlap-steps", type=int, default=3, help="steps of each overlap run")
     parser.add_argument("--pack-sequences", action="store_true", help="packed rows instead of the layouts' padded rows")
+    parser.add_argument("--overlap-scale", type=int, default=16,
+                        help="the mechanism's case: a host step of this many times the layout's samples (default 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the host's data work is one thread's)")
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--smallest", action="store_true", help="a tiny shape, 10 ms device steps (CI; no figures)")
@@ -279,7 +297,8 @@ def main(argv=None):
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     layouts = SMALLEST if args.smallest else {name: LAYOUTS[name] for name in args.layouts}
     steps, overlap_steps = (2, 2) if args.smallest else (args.steps, args.overlap_steps)
-    results = [bench_layout(name, layout, steps, overlap_steps, args.pack_sequences, device, args.smallest)
+    scale = 2 if args.smallest else args.overlap_scale
+    results = [bench_layout(name, layout, steps, overlap_steps, args.pack_sequences, device, args.smallest, scale)
                for name, layout in layouts.items()]
     print(f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"{args.threads} thread(s), device {device}{' (smallest: no figures)' if args.smallest else ''}\n")
