@@ -41,8 +41,8 @@ class CudaGraphCapture:
             from megatron.core.transformer.cuda_graphs import TECudaGraphHelper as helper_class
         # megatron-core's count of a step's micro-batches (TE captures one graph per micro-batch in flight).
         unset_num_microbatches_calculator()  # a run before this one in the process set it
-        init_num_microbatches_calculator(dist.get_rank(), None, microbatches * rows * data_parallel_size, rows,
-                                         data_parallel_size)
+        init_num_microbatches_calculator(dist.get_rank() if dist.is_initialized() else 0, None,
+                                         microbatches * rows * data_parallel_size, rows, data_parallel_size)
         self.helper = helper_class(model=chunks, config=transformer_config, seq_length=seq_length,
                                    micro_batch_size=rows, optimizers=[optimizer])
 
