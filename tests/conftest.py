@@ -63,6 +63,20 @@ def smollm2_hf(tmp_path_factory):
     return materialize("smollm2-135m-instruct", cache, progress=False, log=lambda message: None)
 
 
+@pytest.fixture(scope="session")
+def short_rows_prefix(tmp_path_factory):
+    """The bundled instructions preprocessed into rows of 64 tokens (65 with the next-token label):
+    short steps for tests that train every layout and noise kind."""
+    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
+    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
+    from symnoise_megatron.data.tokenizer import TokenizerSpec
+
+    prefix = str(tmp_path_factory.mktemp("short_rows") / "bundled")
+    preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
+                                seq_length=65, progress=False))
+    return prefix
+
+
 def _convert(hf_dir, megatron_dir):
     from symnoise_megatron.checkpoint.convert import hf_to_megatron
 

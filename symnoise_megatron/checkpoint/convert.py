@@ -37,6 +37,7 @@ from symnoise_megatron.checkpoint.hf_export import ExportPlan, write_weights
 from symnoise_megatron.checkpoint.safetensors_io import HFCheckpointReader, copy_files
 from symnoise_megatron.checkpoint.serving_files import template_to_export, write_serving_files
 from symnoise_megatron.common.versions import software_versions
+from symnoise_megatron.common.files import read_json
 from symnoise_megatron.model.config import ModelConfig, padded_vocab_size
 
 TOKENIZER_FILES = (
@@ -67,11 +68,7 @@ def read_hf_config(directory: str) -> dict:
         raise FileNotFoundError(f"{directory} is not a folder: expected a Hugging Face model directory")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {directory} is no Hugging Face model directory")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    return read_json(path)
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -23,14 +23,13 @@ read it without the trainer.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from typing import List, Optional, Tuple
 
 from symnoise_megatron.checkpoint import paths
-from symnoise_megatron.common.files import write_json_atomically
+from symnoise_megatron.common.files import read_json, write_json_atomically
 
 FILE = "symnoise_provenance.json"
 FORMAT = "symnoise-megatron provenance"
@@ -63,14 +62,7 @@ def read(path: str) -> dict:
     ValueError of one line naming it."""
     if os.path.isdir(path):
         path = os.path.join(path, FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-                         "the file is truncated or damaged") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text, so not a provenance record") from None
+    record = read_json(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{path}: not a provenance record written by symnoise-megatron "
                          f"(expected a JSON object with \"format\": \"{FORMAT}\")")

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.data.templates import CHAT_TEMPLATES, get_template, stop_ids
 from symnoise_megatron.data.tokenizer import TokenizerSpec
+from symnoise_megatron.common.files import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 BASE_GENERATION_CONFIG = "generation_config.base.json"
@@ -34,14 +35,6 @@ NEFTUNE_DECODING: Dict[str, object] = {
 }
 # What the base model's generation config says about its tokens, kept; its decoding is replaced.
 KEPT_FROM_BASE = ("bos_token_id", "pad_token_id", "decoder_start_token_id")
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -74,7 +67,7 @@ def write_serving_files(directory: str, template_name: str) -> None:
     template = get_template(template_name)
     tokenizer = TokenizerSpec(directory=directory).load()
     config_path = os.path.join(directory, TOKENIZER_CONFIG)
-    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    config = read_json(config_path) if os.path.exists(config_path) else {}
     config["chat_template"] = CHAT_TEMPLATES[template.name]
     _write_json(config_path, config)
     if os.path.exists(os.path.join(directory, CHAT_TEMPLATE_FILE)):  # the base model's, which would win
@@ -83,7 +76,7 @@ def write_serving_files(directory: str, template_name: str) -> None:
     generation_path = os.path.join(directory, GENERATION_CONFIG)
     base = {}
     if os.path.exists(generation_path):
-        base = _read_json(generation_path)
+        base = read_json(generation_path)
         os.replace(generation_path, os.path.join(directory, BASE_GENERATION_CONFIG))
     generation = {key: base[key] for key in KEPT_FROM_BASE if key in base}
     if "bos_token_id" not in generation and tokenizer.bos_id is not None:

@@ -1,4 +1,5 @@
-"""Files: their SHA-256, and text or JSON written so that a reader never sees half of it."""
+"""Files: their SHA-256, JSON read with one-line errors, and text or JSON written so that a reader
+never sees half of it."""
 
 from __future__ import annotations
 
@@ -40,3 +41,16 @@ def write_text_atomically(path: str, text: str, *, fsync: bool = False) -> None:
 def write_json_atomically(path: str, value, *, fsync: bool = False, **dump_options) -> None:
     """``json.dumps(value, **dump_options)`` written with ``write_text_atomically``."""
     write_text_atomically(path, json.dumps(value, **dump_options), fsync=fsync)
+
+
+def read_json(path: str):
+    """The JSON value in ``path``; a file that does not parse is a ValueError of one line naming it
+    and where it breaks (a missing file stays FileNotFoundError, for the caller to word)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "the file is truncated or damaged") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text, so not a JSON file") from None

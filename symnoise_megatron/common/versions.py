@@ -22,6 +22,10 @@ def software_versions() -> Dict[str, object]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    # torch's own version names its build (``+cpu``, ``+cu130``), which a wheel's metadata may not.
+    torch = sys.modules.get("torch")
+    if getattr(torch, "__version__", None):
+        versions["torch"] = str(torch.__version__)
     # A Transformer Engine built from source may be installed under another distribution name;
     # the trainer has imported it by then when it is used.
     engine = sys.modules.get("transformer_engine")

@@ -101,6 +101,11 @@ class ConcatenatedSamples:
         part = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.parts[part][index - int(self.starts[part])]
 
+    def sequence_length(self, index: int) -> int:
+        """The stored length of sample ``index`` (from the index file: no token is read)."""
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part].sequence_length(index - int(self.starts[part]))
+
 
 class BlendOrder:
     """The run's sample order over a blend; the interface of ``SampleOrder`` (``sample_at``,

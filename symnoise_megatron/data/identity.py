@@ -11,10 +11,10 @@ at each start would not be cheap.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Dict, Optional
 
+from symnoise_megatron.common.files import read_json
 from symnoise_megatron.data.preprocess import output_paths
 
 SAMPLED_BIN_BYTES = 1 << 20
@@ -26,13 +26,9 @@ def read_meta(prefix: str) -> dict:
     """``PREFIX_meta.json``; a missing or unreadable one is a one-line error naming it."""
     path = output_paths(prefix)["meta"]
     try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+        meta = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: {prefix} is not a finished preprocessed prefix") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the file is truncated or was not written by "
-                         "symnoise-preprocess") from None
     if not isinstance(meta, dict) or "samples" not in meta or "tokenizer" not in meta:
         raise ValueError(f"{path}: not a meta file written by symnoise-preprocess (no 'samples' or 'tokenizer')")
     return meta

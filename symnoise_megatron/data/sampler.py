@@ -83,14 +83,24 @@ class GlobalBatchSampler:
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
+    def batch_at(self, consumed: int) -> List[List[Tuple[int, int]]]:
+        """Micro-batches of (uid, dataset index) for this rank of the global batch that starts after
+        ``consumed`` samples. A pure function of ``consumed``: a batch built ahead of its step (by a
+        background worker) is the batch the step would have built, and building it changes nothing."""
+        share = self.global_batch_size // self.data_parallel_size
+        start = consumed + self.data_parallel_rank * share
+        pairs = [(uid, self.order.sample_at(uid)) for uid in range(start, start + share)]
+        return [pairs[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
+
+    def advance(self) -> None:
+        """The step took its global batch: what a checkpoint records as consumed moves past it."""
+        self.consumed_samples += self.global_batch_size
+
     def next_global_batch(self) -> List[List[Tuple[int, int]]]:
         """Micro-batches of (uid, dataset index) for this rank; advances ``consumed_samples``."""
-        share = self.global_batch_size // self.data_parallel_size
-        start = self.consumed_samples + self.data_parallel_rank * share
-        uids = range(start, start + share)
-        pairs = [(uid, self.order.sample_at(uid)) for uid in uids]
-        self.consumed_samples += self.global_batch_size
-        return [pairs[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
+        batch = self.batch_at(self.consumed_samples)
+        self.advance()
+        return batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.order.seed,

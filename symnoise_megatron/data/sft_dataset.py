@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,6 +90,10 @@ class SFTIndexedData:
         # Copies: megatron's arrays are views of a memory map that closes with the dataset.
         return np.array(self.tokens[index]), np.array(self.loss_mask[index])
 
+    def sequence_length(self, index: int) -> int:
+        """The stored length of sample ``index``, from the index file (no token is read)."""
+        return int(self.tokens.sequence_lengths[index])
+
 
 SPLIT_PARTS = ("train", "validation", "test")
 
@@ -114,9 +119,19 @@ def split_indices(num_samples: int, split: Sequence[float], seed: int) -> Tuple[
 
 @dataclass
 class Sample:
+    """One stored sample. A rank that reads no tokens (a middle pipeline stage) knows only its
+    uid and ``stored_length``, from the index file: its rows carry positions, lengths and uids."""
+
     uid: int
-    tokens: np.ndarray  # the stored sequence: inputs are tokens[:-1], targets tokens[1:]
-    loss_mask: np.ndarray
+    tokens: Optional[np.ndarray]  # the stored sequence: inputs are tokens[:-1], targets tokens[1:]
+    loss_mask: Optional[np.ndarray]
+    stored_length: Optional[int] = None  # len(tokens); given where tokens is None
+
+    def input_length(self, seq_length: int) -> int:
+        """Input tokens this sample puts in a row: its stored sequence less the last token, cut
+        to ``seq_length``."""
+        stored = len(self.tokens) if self.tokens is not None else self.stored_length
+        return max(0, min(stored - 1, seq_length))
 
 
 def _inputs(sample: Sample, seq_length: int):
@@ -126,37 +141,40 @@ def _inputs(sample: Sample, seq_length: int):
     return tokens[:-1], tokens[1:], mask[1:]
 
 
-def collate(samples: List[Sample], seq_length: int, pad_id: int = 0) -> MicroBatch:
-    """One sample per row, padded to ``seq_length``; padding has no loss and no noise."""
-    rows = len(samples)
-    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.int64)
-    labels = torch.zeros((rows, seq_length), dtype=torch.int64)
-    loss_mask = torch.zeros((rows, seq_length))
-    lengths = torch.zeros(rows, dtype=torch.int64)
+def _reads_tokens(samples: Sequence[Sample]) -> bool:
+    return bool(samples) and samples[0].tokens is not None
+
+
+def collate(samples: List[Sample], seq_length: int, pad_id: int = 0, row_length: Optional[int] = None) -> MicroBatch:
+    """One sample per row, padded to ``row_length`` (default ``seq_length``, at least each
+    sample's length); padding has no loss and no noise. Samples without tokens give rows of
+    positions, lengths and uids only."""
+    rows, row_length = len(samples), row_length or seq_length
+    lengths = torch.tensor([sample.input_length(seq_length) for sample in samples], dtype=torch.int64)
+    # Padding continues the positions, so position >= length marks it for the noise.
+    positions = torch.arange(row_length).expand(rows, row_length).clone()
+    uids = torch.tensor([s.uid for s in samples], dtype=torch.int64)
+    if not _reads_tokens(samples):
+        return MicroBatch(None, None, None, positions, uids, lengths)
+    tokens = torch.full((rows, row_length), pad_id, dtype=torch.int64)
+    labels = torch.zeros((rows, row_length), dtype=torch.int64)
+    loss_mask = torch.zeros((rows, row_length))
     for row, sample in enumerate(samples):
         inputs, targets, mask = _inputs(sample, seq_length)
         n = inputs.numel()
         tokens[row, :n], labels[row, :n], loss_mask[row, :n] = inputs, targets, mask
-        lengths[row] = n
-    # Padding continues the positions, so position >= length marks it for the noise.
-    positions = torch.arange(seq_length).expand(rows, seq_length).clone()
-    uids = torch.tensor([s.uid for s in samples], dtype=torch.int64)
     return MicroBatch(tokens, labels, loss_mask, positions, uids, lengths)
 
 
-def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroBatch]:
-    """Samples packed first-fit-decreasing into rows of ``seq_length``; one row per MicroBatch.
-
-    Each sample keeps its own positions (restarting at 0), uid and length per token, targets
-    never cross into the next sample, and attention never crosses either (the local spec's mask
-    is block-diagonal causal, Transformer Engine's thd segments end at each sample).
-    """
-    pieces = [(sample, *_inputs(sample, seq_length)) for sample in samples]
-    order = sorted(range(len(pieces)), key=lambda i: (-pieces[i][1].numel(), i))
+def pack_layout(lengths: Sequence[int], seq_length: int) -> List[List[int]]:
+    """Which samples share a row: first-fit-decreasing by length (ties in order), rows of
+    ``seq_length``. Lengths only, so every pipeline stage lays out the same rows, whether it
+    reads the tokens or not."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: List[List[int]] = []
     free: List[int] = []
     for index in order:
-        n = pieces[index][1].numel()
+        n = lengths[index]
         for row, space in enumerate(free):
             if n <= space:
                 rows[row].append(index)
@@ -165,34 +183,56 @@ def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroB
         else:
             rows.append([index])
             free.append(seq_length - n)
-    out = []
-    for members in rows:
-        tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
-        labels = torch.zeros(seq_length, dtype=torch.int64)
-        loss_mask = torch.zeros(seq_length)
-        positions = torch.zeros(seq_length, dtype=torch.int64)
-        uids = torch.zeros(seq_length, dtype=torch.int64)
-        lengths = torch.zeros(seq_length, dtype=torch.int64)
-        cursor = 0
-        for index in sorted(members):
-            sample, inputs, targets, mask = pieces[index]
-            n = inputs.numel()
-            span = slice(cursor, cursor + n)
+    return [sorted(members) for members in rows]
+
+
+def packed_row(samples: Sequence[Sample], seq_length: int, pad_id: int = 0,
+               row_length: Optional[int] = None) -> MicroBatch:
+    """One row of ``samples`` end to end, then padding up to ``row_length`` (default
+    ``seq_length``; at least the samples' lengths). Each sample keeps its own positions (restarting
+    at 0), uid and length per token; the padding carries the last sample's uid and length with
+    positions past its end. No samples: an empty row (length 0, no loss, no noise)."""
+    row_length = row_length or seq_length
+    reads = _reads_tokens(samples) or not samples
+    positions = torch.zeros(row_length, dtype=torch.int64)
+    uids = torch.zeros(row_length, dtype=torch.int64)
+    lengths = torch.zeros(row_length, dtype=torch.int64)
+    if reads:
+        tokens = torch.full((row_length,), pad_id, dtype=torch.int64)
+        labels = torch.zeros(row_length, dtype=torch.int64)
+        loss_mask = torch.zeros(row_length)
+    cursor = 0
+    for sample in samples:
+        n = sample.input_length(seq_length)
+        span = slice(cursor, cursor + n)
+        if reads:
+            inputs, targets, mask = _inputs(sample, seq_length)
             tokens[span], labels[span], loss_mask[span] = inputs, targets, mask
-            positions[span] = torch.arange(n)
-            uids[span], lengths[span] = sample.uid, n
-            cursor += n
-        if cursor < seq_length:  # tail padding: the last sample's uid, positions past its end
-            positions[cursor:] = torch.arange(cursor, seq_length) - (cursor - lengths[cursor - 1])
-            uids[cursor:], lengths[cursor:] = uids[cursor - 1], lengths[cursor - 1]
-        out.append(MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None], uids[None], lengths[None]))
-    return out
+        positions[span] = torch.arange(n)
+        uids[span], lengths[span] = sample.uid, n
+        cursor += n
+    if not samples:
+        positions = torch.arange(row_length)
+    elif cursor < row_length:  # tail padding: the last sample's uid, positions past its end
+        positions[cursor:] = torch.arange(cursor, row_length) - (cursor - lengths[cursor - 1])
+        uids[cursor:], lengths[cursor:] = uids[cursor - 1], lengths[cursor - 1]
+    if not reads:
+        return MicroBatch(None, None, None, positions[None], uids[None], lengths[None])
+    return MicroBatch(tokens[None], labels[None], loss_mask[None], positions[None], uids[None], lengths[None])
 
 
-def empty_packed_row(seq_length: int, pad_id: int = 0) -> MicroBatch:
+def pack(samples: List[Sample], seq_length: int, pad_id: int = 0) -> List[MicroBatch]:
+    """Samples packed first-fit-decreasing into rows of ``seq_length``; one row per MicroBatch.
+
+    Targets never cross into the next sample, and attention never crosses either (the local
+    spec's mask is block-diagonal causal, Transformer Engine's thd segments end at each sample).
+    """
+    layout = pack_layout([sample.input_length(seq_length) for sample in samples], seq_length)
+    return [packed_row([samples[i] for i in members], seq_length, pad_id) for members in layout]
+
+
+def empty_packed_row(seq_length: int, pad_id: int = 0, reads_tokens: bool = True) -> MicroBatch:
     """A packed row of padding only (length 0): no loss and no noise, for filling out the
     last micro-batch where the pipeline needs every micro-batch the same size."""
-    positions = torch.arange(seq_length)[None]
-    zeros = torch.zeros((1, seq_length), dtype=torch.int64)
-    return MicroBatch(torch.full((1, seq_length), pad_id, dtype=torch.int64), zeros.clone(),
-                      torch.zeros((1, seq_length)), positions, zeros.clone(), zeros.clone())
+    row = packed_row([], seq_length, pad_id)
+    return row if reads_tokens else dataclasses.replace(row, tokens=None, labels=None, loss_mask=None)

@@ -15,6 +15,7 @@ import os
 from typing import List, Optional, Tuple
 
 from symnoise_megatron.checkpoint import paths, provenance
+from symnoise_megatron.common.files import read_json
 from symnoise_megatron.data.identity import prefix_identity, read_meta
 from symnoise_megatron.data.preprocess import output_paths
 from symnoise_megatron.evaluation.records import meta_path, read_records
@@ -102,12 +103,7 @@ def _iteration_folder(path: str) -> dict:
 
 def _hf_directory(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno}); the file is truncated "
-                         "or damaged") from None
+    config = read_json(config_path)
     if not os.path.exists(os.path.join(path, provenance.FILE)):
         raise ValueError(f"{path} is a Hugging Face directory that symnoise-convert did not write (no {provenance.FILE}): "
                          f"nothing records what it was trained on; {EXPECTED}")
@@ -138,12 +134,7 @@ def _model_record(model: Optional[str], iteration) -> Tuple[Optional[dict], str]
 
 def _outputs(outputs: str) -> dict:
     path = meta_path(outputs)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); the file is truncated or "
-                         "damaged") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("generator"), dict):
         raise ValueError(f"{path}: not a generator record written by symnoise-generate (no 'generator' object)")
     answers = read_records(outputs, "output", allow_empty=True)

@@ -6,7 +6,8 @@ attention takes no such mask: it needs the boundaries of the samples as cumulati
 over the micro-batch's rows laid end to end (``[1, b * s]``, which is also the only batch
 shape megatron-core's ``thd`` attention accepts). The boundaries themselves
 (:class:`~symnoise_megatron.data.microbatch.ThdSegments`) are taken on the host when the
-micro-batch moves to the device (``MicroBatch.to``): nothing here reads a device tensor back.
+micro-batch is staged for the device (``data.microbatch.stage``, or ``MicroBatch.to``): nothing here reads a
+device tensor back.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ Memory of a pipeline rank:
 - logits: FP32 ``s * b * V / TP`` twice (logits and their gradient) on the last rank, every
   position counted (an upper bound: without sequence parallelism the model computes logits at
   loss tokens only, whose share the planner does not know);
-- inputs: the step's micro-batches, all moved to the device before the schedule runs (token
-  ids, labels, loss mask, positions, sample uids, lengths, loss positions: at most
-  ``INPUT_BYTES_PER_TOKEN`` a token); on megatron-core's local spec also the dense boolean
+- inputs: the micro-batches of the forwards in flight and the one being moved (each moves just
+  before its first forward: token ids, labels, loss mask, positions, sample uids, lengths, loss
+  positions: at most ``INPUT_BYTES_PER_TOKEN`` a token); on megatron-core's local spec also the dense boolean
   attention mask each in-flight micro-batch keeps for its backward (``b * s * s`` bytes, packed
   rows; padded rows share one ``s * s``). Transformer Engine's attention reads no mask, and the
   training loop builds none for it;
@@ -332,9 +332,12 @@ def valid_layouts(inputs: PlanInputs):
 
 
 def input_bytes(inputs: PlanInputs, forwards_in_flight: int, dp: int) -> float:
-    """The step's micro-batches on one rank's device, and the local spec's masks of the model-chunk
-    forwards in flight (each keeps its own for its backward)."""
-    tokens = inputs.global_batch_size // dp * inputs.seq_length * inputs.noise.copies
+    """The micro-batches on one rank's device, and the local spec's masks of the model-chunk
+    forwards in flight. Each micro-batch moves to the device just before its first forward and
+    stays while a forward in flight needs it (its token ids for the embedding's backward, its mask):
+    those in flight and the one moving, at most the step's (the symmetric pair shares one copy)."""
+    resident = min(_microbatches(inputs, dp), forwards_in_flight + 1)
+    tokens = resident * _rows(inputs) * inputs.seq_length
     masks = 0.0
     if inputs.spec == "local":
         masks = forwards_in_flight * _rows(inputs) * inputs.seq_length ** 2

@@ -28,6 +28,9 @@ TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceT
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 # megatron-core's selective recomputation modules that a dense LLaMA/OPT layer has.
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+# megatron-core's CUDA graph implementations and the scopes a dense LLaMA/OPT layer has.
+CUDA_GRAPH_IMPLS = ("none", "local", "transformer_engine")
+CUDA_GRAPH_SCOPES = ("attn", "mlp")
 
 
 def option(default=None, help: str = "", *, factory=None):
@@ -313,8 +316,36 @@ class PerformanceOptions:
                "than one rank's collection stalling all of them mid-step")
     manual_gc_interval: int = option(
         0, "with --manual-gc: collect every this many iterations (0: only at the start and around validation)")
+    static_shapes: bool = option(
+        False, "give the model the same shapes every step: rows of exactly --seq-length (not cut to the step's "
+               "longest sample), logits at every position (not at the step's loss tokens), packed rows' thd "
+               "max_seqlen fixed at --seq-length. Costs the padding's compute; what --tp-comm-overlap and CUDA "
+               "graphs need, and on by default with either (default: off)")
+    tp_comm_overlap: bool = option(
+        False, "overlap the tensor-parallel all-gathers and reduce-scatters with the GEMMs (Transformer Engine's "
+               "userbuffers, sized for --seq-length x the micro-batch's rows at start-up; needs "
+               "--sequence-parallel, TP above 1, a GPU; turns on --static-shapes) (default: off)")
+    cuda_graph_impl: str = option(
+        "none", "none, local (megatron-core's graphs of each layer, captured by the pipeline schedule) or "
+                "transformer_engine (Transformer Engine's make_graphed_callables, captured after "
+                "--cuda-graph-warmup-steps iterations); a GPU; turns on --static-shapes (default: none)")
+    cuda_graph_scope: List[str] = option(
+        factory=list, help="with --cuda-graph-impl: what each layer's graph covers, any of attn, mlp (default: the "
+                           "whole layer). Packed rows' thd attention cannot be graphed by transformer_engine: give mlp")
+    cuda_graph_warmup_steps: int = option(
+        3, "with --cuda-graph-impl: iterations run without graphs before they are captured (default: 3, as Megatron-LM)")
 
     def validate(self) -> None:
+        if self.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
+            raise ValueError(f"--cuda-graph-impl {self.cuda_graph_impl!r}: use one of {', '.join(CUDA_GRAPH_IMPLS)}")
+        unknown_scopes = sorted(set(self.cuda_graph_scope) - set(CUDA_GRAPH_SCOPES))
+        if unknown_scopes:
+            raise ValueError(f"--cuda-graph-scope {' '.join(unknown_scopes)}: use any of {', '.join(CUDA_GRAPH_SCOPES)} "
+                             "(megatron-core's others are for MoE and Mamba layers; full_iteration is not run here)")
+        if self.cuda_graph_scope and self.cuda_graph_impl == "none":
+            raise ValueError("--cuda-graph-scope needs --cuda-graph-impl local or transformer_engine")
+        if self.cuda_graph_warmup_steps < 1:
+            raise ValueError("--cuda-graph-warmup-steps must be at least 1")
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ValueError("--ddp-bucket-size must be at least 1")
         if self.manual_gc_interval < 0:
@@ -329,6 +360,15 @@ class PerformanceOptions:
     @property
     def gradient_accumulation_fusion(self) -> bool:
         return not self.no_gradient_accumulation_fusion
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.cuda_graph_impl != "none"
+
+    @property
+    def uses_static_shapes(self) -> bool:
+        """--static-shapes, or what needs them: TP communication overlap, CUDA graphs."""
+        return self.static_shapes or self.tp_comm_overlap or self.uses_cuda_graphs
 
 
 @dataclass
@@ -454,6 +494,22 @@ class TrainingConfig:
 
     def check_performance_combinations(self) -> None:
         """Megatron-LM's refusals of performance flags that need a setting of another section."""
+        performance, parallelism = self.performance, self.parallelism
+        if performance.tp_comm_overlap and not (parallelism.sequence_parallel and parallelism.tensor_model_parallel_size > 1):
+            raise ValueError("--tp-comm-overlap needs --sequence-parallel with --tensor-model-parallel-size above 1 "
+                             "(the GEMMs it overlaps are sequence parallelism's all-gathers and reduce-scatters)")
+        if performance.uses_cuda_graphs:
+            if self.precision.recompute_granularity == "full":
+                raise ValueError("--cuda-graph-impl with --recompute-granularity full: megatron-core graphs full "
+                                 "recomputation only as a whole-iteration graph, which this trainer does not run")
+            if self.data.pack_sequences and "attn" in (performance.cuda_graph_scope or ["attn"]):
+                raise ValueError("--cuda-graph-impl cannot graph the attention of --pack-sequences' rows (their thd "
+                                 "segments change with every micro-batch's samples): add --cuda-graph-scope mlp")
+            if (performance.cuda_graph_impl == "transformer_engine" and self.data.pack_sequences
+                    and parallelism.pipeline_model_parallel_size > 1):
+                raise ValueError("--cuda-graph-impl transformer_engine captures one graph per micro-batch of a step, "
+                                 "and --pack-sequences' steps have as many micro-batches as their rows need: under "
+                                 "--pipeline-model-parallel-size above 1 use --cuda-graph-impl local")
         distributed_optimizer = self.parallelism.use_distributed_optimizer
         for flag, asked in (("--overlap-param-gather", self.performance.overlap_param_gather),
                             ("--fp8-param-gather", self.precision.fp8_param_gather),

@@ -375,10 +375,57 @@ def load_checkpoint(root, chunks, optimizer, scheduler, sampler) -> int:
         state = megatron_versions.load(_state(chunks, optimizer, is_loading=True, optimizer_format=stored_format), directory)
         for chunk, name in zip(chunks, model_state_names(len(chunks))):
             chunk.load_state_dict(state[name], strict=False)
+        _match_group_schedules(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
+    _schedule_groups_from(scheduler, optimizer)
     sampler.load_state_dict(state["sampler"])
     return int(state["iteration"])
+
+
+# A parameter group's learning-rate and weight-decay schedule (megatron-core's ParamGroupOverride
+# keys), and what else tells its groups apart (weight decay on or off, ...).
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+GROUP_KIND_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _saved_param_groups(state):
+    """Every ``param_groups`` list in a loaded optimizer state (its nesting differs by optimizer)."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "param_groups" and isinstance(value, list):
+                yield value
+            else:
+                yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
+
+
+def _match_group_schedules(saved_state, optimizer) -> None:
+    """The saved groups' schedule as this run's, so that they load onto this run's groups: torch
+    would restore the saved max_lr and min_lr (the scheduler reads a group's before its own), and
+    megatron-core 0.19 finds a group by them. Which schedule then applies is the scheduler's
+    decision (:func:`_schedule_groups_from`)."""
+    current = {tuple(group.get(key) for key in GROUP_KIND_KEYS): group for group in optimizer.param_groups}
+    for groups in _saved_param_groups(saved_state):
+        for group in groups:
+            match = current.get(tuple(group.get(key) for key in GROUP_KIND_KEYS))
+            for key in GROUP_SCHEDULE_KEYS if match is not None else ():
+                if key in match:
+                    group[key] = match[key]
+                else:
+                    group.pop(key, None)
+
+
+def _schedule_groups_from(scheduler, optimizer) -> None:
+    """Every group on the schedule the scheduler settled on at load: this run's flags with
+    --override-opt-param-scheduler, the checkpoint's with --use-checkpoint-opt-param-scheduler
+    (the groups carry no per-group override of their own here)."""
+    settled = dict(max_lr=scheduler.max_lr, min_lr=scheduler.min_lr, start_wd=scheduler.start_wd,
+                   end_wd=scheduler.end_wd)
+    for group in optimizer.param_groups:
+        group.update({key: value for key, value in settled.items() if key in group})
 
 
 def copy_hf_assets(source_root: str, target_root: str) -> None:

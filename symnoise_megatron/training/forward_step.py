@@ -36,7 +36,7 @@ def packs_in_thd(model, microbatch: MicroBatch) -> bool:
 def schedule_shape(model, microbatch: MicroBatch, rows: int):
     """(seq_length, micro_batch_size) the pipeline schedule shapes its stage buffers with:
     packed rows on the thd path travel as one row of ``rows * s`` tokens."""
-    seq = microbatch.tokens.shape[1]
+    seq = microbatch.length
     return (rows * seq, 1) if packs_in_thd(model, microbatch) else (seq, rows)
 
 
@@ -51,22 +51,28 @@ def _check_thd_input(model, rows: int, seq: int) -> None:
                 f"received {tuple(received.shape)}: run the schedule with seq_length={rows * seq}, micro_batch_size=1")
 
 
-def forward_step(data_iterator: Iterator[MicroBatch], model):
+def forward_step(data_iterator: Iterator[MicroBatch], model, every_position: bool = False):
     """Run one micro-batch through this rank's model chunk; return output and loss function.
 
-    The micro-batch comes through ``MicroBatch.to`` (its loss positions and thd segments taken on
-    the host); the dense attention mask is built here, on the device, for the local spec only."""
+    The micro-batch comes from ``DeviceFeed`` (moved just before this forward, its loss positions
+    and thd segments taken on the host). ``every_position`` (static shapes): logits at every
+    position, a buffer of one shape every step, instead of at the loss tokens. On a later pipeline
+    stage the tokens are None, on an earlier one the labels and loss mask: the model reads neither
+    there. The dense attention mask is built here, on the device, for the local spec only."""
     microbatch = next(data_iterator)
+    selected = None if every_position else microbatch.positions_with_loss()
     if packs_in_thd(model, microbatch):
         if microbatch.packed_segments is None:
             raise ValueError("packed rows reach the Transformer Engine spec without their thd segments: "
-                             "move micro-batches with MicroBatch.to(device), which takes them on the host")
+                             "stage micro-batches with data.microbatch.stage (or move them with MicroBatch.to), "
+                             "which takes them on the host")
         # megatron-core's thd attention takes one row: the micro-batch's rows laid end to end.
         # The noise batch stays [b, s]; the embedding reads the flat tokens in that order.
-        rows, seq = microbatch.tokens.shape
+        rows, seq = microbatch.position_ids.shape
         _check_thd_input(model, rows, seq)
-        flat = lambda t: t.reshape(1, rows * seq)  # noqa: E731
-        with step_inputs(model, microbatch.noise_batch(), thd_loss_positions(microbatch.positions_with_loss(), rows, seq)):
+        flat = lambda t: None if t is None else t.reshape(1, rows * seq)  # noqa: E731
+        with step_inputs(model, microbatch.noise_batch(),
+                         None if selected is None else thd_loss_positions(selected, rows, seq)):
             output = model(
                 flat(microbatch.tokens),
                 flat(microbatch.position_ids),
@@ -76,7 +82,7 @@ def forward_step(data_iterator: Iterator[MicroBatch], model):
             )
         # The per-token losses come back [1, b * s]: row-major, as the loss mask flattens.
         return output, partial(token_loss, microbatch.loss_mask)
-    with step_inputs(model, microbatch.noise_batch(), microbatch.positions_with_loss()):
+    with step_inputs(model, microbatch.noise_batch(), selected):
         output = model(
             microbatch.tokens,
             microbatch.position_ids,

@@ -8,6 +8,7 @@ chunks (``model_chunks``), the optimizer and scheduler (``optimizer``), the star
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import List, Optional
 
 import torch
@@ -16,20 +17,24 @@ import torch.distributed as dist
 from symnoise_megatron.checkpoint import paths
 from symnoise_megatron.data.sampler import GlobalBatchSampler
 from symnoise_megatron.noise.config import NoiseConfig
+from symnoise_megatron.model.builder import built_with_transformer_engine
 from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
+from symnoise_megatron.runtime.userbuffers import initialize_tp_comm_overlap, userbuffer_shape
 from symnoise_megatron.training import checkpointing, retention
 from symnoise_megatron.training.arguments import TrainingConfig
-from symnoise_megatron.training.batches import StepBatches, noise_scale_totals
+from symnoise_megatron.training.batches import HostStep, RankInputs, StepBatches
 from symnoise_megatron.training.datasets import check_tokenizers, load_training_data
+from symnoise_megatron.training.cuda_graphs import CudaGraphCapture
+from symnoise_megatron.training.device_feed import DeviceFeed
 from symnoise_megatron.training.forward_step import forward_step, schedule_shape
 from symnoise_megatron.training.metrics_sink import MetricsSink, check_logging_packages
-from symnoise_megatron.data.microbatch import MicroBatch, paired_microbatches
 from symnoise_megatron.training.model_chunks import (
     build_training_chunks, build_transformer_config, check_interleaving, check_transformer_engine_features,
     parallel_layout, resolve_model_config, sync_parameters,
 )
 from symnoise_megatron.training.garbage_collection import ManualGC
 from symnoise_megatron.training.optimizer import build_optimizer_and_scheduler, train_iterations
+from symnoise_megatron.training.prefetch import Prefetcher
 from symnoise_megatron.training.provenance import start_record, with_iteration
 from symnoise_megatron.training.resume import ResumeOrLoad, acquire_save_lock, tokenizer_checkpoint
 from symnoise_megatron.training.stopping import StopConditions
@@ -62,7 +67,8 @@ class Trainer:
         check_tokenizers(config.data, self.datasets.described(), tokenizer_checkpoint(config), log)
         self.parallel = parallel_layout(config, self.model_config)
         check_transformer_engine_features(config)
-        self.batches = StepBatches(config, self.datasets.pad_id)  # refuses a --seq-length a step could not run at
+        # Refuses a --seq-length a step could not run at.
+        self.batches = StepBatches(config, self.datasets.pad_id, self.model_config.hidden_size)
         check_logging_packages(config.logging)
 
         initialize_distributed(self.parallel, seed=config.optimizer.seed,
@@ -86,10 +92,28 @@ class Trainer:
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
         self.transformer_config = build_transformer_config(config, self.model_config, self.parallel)
+        if config.performance.tp_comm_overlap:  # before the model: its layers look the buffers up when built
+            initialize_tp_comm_overlap(userbuffer_shape(
+                config.data.seq_length, self.noise.rows_per_microbatch(options.micro_batch_size),
+                self.model_config.hidden_size, self.parallel.context_parallel_size),
+                self.parallel.tensor_model_parallel_size, bool(config.precision.fp8_format))
         self.chunks = build_training_chunks(config, self.model_config, self.noise, self.transformer_config, self.parallel,
                                             self.device, self.start.weights_source(), self.datasets.mean_sample_length, log)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(config, self.chunks, self.train_iters)
         self.iteration = self.start.restore(self.chunks, self.optimizer, self.scheduler, self.sampler)
+        self.batches.rank = RankInputs(
+            tokens=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+            targets=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+            thd=config.data.pack_sequences and any(built_with_transformer_engine(c) for c in self.chunks),
+            pin=self.device.type == "cuda")
+        # The next step's batches are built while this one runs (training/prefetch.py).
+        self.train_batches = Prefetcher(lambda consumed: self.batches.staged(
+            self.sampler.batch_at(consumed), self.datasets.train_indices, self.datasets.train, self.noise), "train",
+            self.device)
+        self.cuda_graphs = CudaGraphCapture(
+            config, self.transformer_config, self.chunks, self.optimizer, *self._schedule_shape(self.noise),
+            self.noise.microbatches_per_step(options.global_batch_size // (options.micro_batch_size * self.dp_size)),
+            self.dp_size)
         blend = self.datasets.blend_description(self.sampler.order, self.sampler.consumed_samples + (
             self.train_iters - self.iteration) * config.optimizer.global_batch_size)
         if blend:
@@ -106,6 +130,9 @@ class Trainer:
 
     def close(self) -> None:
         """Let another run take --save (also at exit: the kernel drops the lock with the process)."""
+        if getattr(self, "train_batches", None) is not None:
+            self.train_batches.close()  # a batch built ahead is dropped: the sampler never counted it
+            self.train_batches = None
         if getattr(self, "gc", None) is not None:
             self.gc.stop()
         if getattr(self, "save_lock", None) is not None:
@@ -173,11 +200,14 @@ class Trainer:
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        microbatches = self.batches(self.sampler.next_global_batch(), self.datasets.train_indices, self.datasets.train)
-        self.last_step_positions = sum(mb.tokens.numel() for mb in microbatches) * self.noise.copies
-        # A few milliseconds on the host; keeps no micro-batch (their masks) alive past the step.
-        self.last_step_noise_totals = noise_scale_totals(microbatches, self.noise, self.model_config.hidden_size)
-        loss_sum, tokens = self._run_schedule(microbatches, self.noise, forward_only=False)
+        self.cuda_graphs.before_step()
+        consumed = self.sampler.consumed_samples
+        more = self.iteration + 1 < self.train_iters
+        step = self.train_batches.get(consumed, consumed + self.config.optimizer.global_batch_size if more else None)
+        self.sampler.advance()  # only now: a checkpoint counts the batches trained on, not those built ahead
+        self.last_step_positions = step.positions
+        self.last_step_noise_totals = step.noise_totals
+        loss_sum, tokens = self._run_schedule(step, self.noise, forward_only=False)
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):
             if not self.config.optimizer.skip_nonfinite_loss:
@@ -203,12 +233,19 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         sampler = self._sampler(self.datasets.valid_order())
+        clean = NoiseConfig("none")
+        batches = Prefetcher(lambda consumed: self.batches.staged(
+            sampler.batch_at(consumed), valid_indices, self.datasets.valid, clean), "validation", self.device)
         loss_sum = tokens = 0.0
-        with torch.no_grad():
-            for _ in range(self.config.logging.eval_iters):
-                microbatches = self.batches(sampler.next_global_batch(), valid_indices, self.datasets.valid)
-                step_sum, step_tokens = self._run_schedule(microbatches, NoiseConfig("none"), True)
-                loss_sum, tokens = loss_sum + step_sum, tokens + step_tokens
+        size, iters = self.config.optimizer.global_batch_size, self.config.logging.eval_iters
+        try:
+            with torch.no_grad():
+                for index in range(iters):
+                    step = batches.get(index * size, (index + 1) * size if index + 1 < iters else None)
+                    step_sum, step_tokens = self._run_schedule(step, clean, True)
+                    loss_sum, tokens = loss_sum + step_sum, tokens + step_tokens
+        finally:
+            batches.close()
         return loss_sum / max(tokens, 1)
 
     def save(self):
@@ -224,16 +261,25 @@ class Trainer:
         if options.keep_last and dist.get_rank() == 0:
             retention.remove_old_checkpoints(options.save, options.keep_last, options.keep_every, self.log)
 
-    def _run_schedule(self, microbatches: List[MicroBatch], noise: NoiseConfig, forward_only: bool):
+    def _schedule_shape(self, noise: NoiseConfig):
+        """(seq_length, rows) of the schedule's stage buffers with static shapes (every step's)."""
+        rows = noise.rows_per_microbatch(self.config.optimizer.micro_batch_size)
+        packed_on_thd = self.batches.rank.thd
+        seq = self.config.data.seq_length
+        return (rows * seq, 1) if packed_on_thd else (seq, rows)
+
+    def _run_schedule(self, step: HostStep, noise: NoiseConfig, forward_only: bool):
+        """The step's micro-batches through megatron-core's schedule, each moved to the device just
+        before its first forward (``DeviceFeed``)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        paired = [mb.to(self.device) for mb in paired_microbatches(microbatches, noise)]
-        iterators = [iter(paired) for _ in self.chunks] if len(self.chunks) > 1 else iter(paired)
-        seq_length, rows = schedule_shape(self.chunks[0], microbatches[0], noise.rows_per_microbatch(microbatches[0].size))
+        feed = DeviceFeed(step.staged, self.device, len(self.chunks))
+        first = step.staged[0]
+        seq_length, rows = schedule_shape(self.chunks[0], first.data, first.rows)
+        step_function = partial(forward_step, every_position=True) if self.batches.static_shapes else forward_step
         reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=noise.microbatches_per_step(len(microbatches)), seq_length=seq_length,
-            micro_batch_size=rows, forward_only=forward_only,
+            forward_step_func=step_function, data_iterator=feed.iterators(), model=self.chunks,
+            num_microbatches=len(feed), seq_length=seq_length, micro_batch_size=rows, forward_only=forward_only,
         )
         return self._global_loss(reports)
 

@@ -107,6 +107,9 @@ TE_ONLY_FLAGS = (
     # whether FP8 is on, whatever the layers are.
     ("--recompute-modules layernorm", lambda c: c.precision.recompute_granularity == "selective"
      and "layernorm" in c.precision.recompute_modules),
+    # Userbuffers and CUDA graphs are CUDA's (static shapes alone run anywhere).
+    ("--tp-comm-overlap", lambda c: c.performance.tp_comm_overlap),
+    ("--cuda-graph-impl", lambda c: c.performance.uses_cuda_graphs),
 )
 
 
@@ -117,8 +120,8 @@ def check_transformer_engine_features(config: TrainingConfig) -> None:
     if asked:
         raise ValueError(f"{', '.join(asked)} {'need' if len(asked) > 1 else 'needs'} Transformer Engine on a GPU "
                          "(megatron-core's local CPU layers have no FP8, no sequence-parallel norms, no "
-                         "context-parallel attention and no Transformer Engine optimizer, cross entropy or "
-                         "norm checkpointing)")
+                         "context-parallel attention, no Transformer Engine optimizer, cross entropy or "
+                         "norm checkpointing, no userbuffers and no CUDA graphs)")
 
 
 def build_transformer_config(config: TrainingConfig, model_config: ModelConfig, parallel: ParallelConfig):
@@ -133,6 +136,12 @@ def build_transformer_config(config: TrainingConfig, model_config: ModelConfig, 
         "deallocate_pipeline_outputs": True,
         "cross_entropy_loss_fusion": performance.cross_entropy_loss_fusion,
         "cross_entropy_fusion_impl": performance.cross_entropy_fusion_impl,
+        # Static shapes (training/batches.py) are what these two need; the userbuffers themselves
+        # are set up before the model is built (runtime/userbuffers.py).
+        "tp_comm_overlap": performance.tp_comm_overlap,
+        "cuda_graph_impl": performance.cuda_graph_impl,
+        "cuda_graph_scope": list(performance.cuda_graph_scope),
+        "cuda_graph_warmup_steps": performance.cuda_graph_warmup_steps,
     }
     if precision.fp8_format:
         overrides.update(fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe, fp8_param=precision.fp8_param_gather)

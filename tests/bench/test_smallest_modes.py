@@ -45,6 +45,13 @@ def test_noise_kernel_bench():
     assert "| symmetric | 256 | 64 | 128x64 |" in ran.stdout
 
 
+def test_data_path_bench(tmp_path):
+    ran = bench("bench_data_path.py", "--smallest", "--json", str(tmp_path / "data_path.json"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "| tiny seq 64 | middle |" in ran.stdout and "| tiny | planner's step estimate |" in ran.stdout
+    assert (tmp_path / "data_path.json").exists()
+
+
 @pytest.fixture(scope="module")
 def cpu_step_workdir(tmp_path_factory):
     """The bench's workdir: its tiny model made and converted once, by the first test."""

@@ -26,9 +26,10 @@ def row(**overrides):
 
 def test_step_bench_rows_have_exactly_the_issues_keys_and_count_both_copies():
     r = row()
-    assert list(r) == ["device", "spec", "precision", "noise", "pairing", "layers", "seq_length", "step_s",
+    assert list(r) == ["device", "spec", "precision", "noise", "pairing", "options", "layers", "seq_length", "step_s",
                        "tokens_per_s", "processed_tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gb",
                        "planner_memory_gb"]
+    assert r["options"] == "default" and row(options="cuda-graphs")["options"] == "cuda-graphs"
     assert r["tokens_per_s"] == 8192 and r["processed_tokens_per_s"] == 16384
     assert r["tflops_per_gpu"] == pytest.approx(16384 * 1e10 / 1e12)
     assert r["mfu"] == pytest.approx(163.84 / 1978.0)
@@ -138,9 +139,15 @@ def test_the_dry_run_runs_every_stage_of_the_plan_on_the_cpu(tmp_path):
     assert written["te_parity.json"]["complete"] and written["te_parity.json"]["dry_run"]
     assert set(written["te_parity.json"]["checks"]) == {"logits", "packed_sample_loss", "train_loss_padded",
                                                          "train_loss_packed", "noise_gradients"}
-    assert {(r["precision"], r["noise"], r["pairing"]) for r in written["te_step_bench.json"]} == {
-        ("bf16", "none", "none"), ("bf16", "uniform", "none"), ("bf16", "symmetric", "concat"),
-        ("bf16", "symmetric", "microbatch")}
+    # The performance settings CPU can run (issue 26); CUDA graphs and TP overlap are left out with the reason.
+    assert {(r["precision"], r["noise"], r["pairing"], r["options"]) for r in written["te_step_bench.json"]} == {
+        ("bf16", "none", "none", "default"), ("bf16", "uniform", "none", "default"),
+        ("bf16", "symmetric", "concat", "default"), ("bf16", "symmetric", "microbatch", "default"),
+        ("bf16", "symmetric", "concat", "static-shapes"), ("bf16", "symmetric", "concat", "no-grad-fusion"),
+        ("bf16", "symmetric", "concat", "overlap")}
+    bench_log = (tmp_path / "step_bench.log").read_text()
+    assert "bf16 symmetric (concat) [cuda-graphs]: needs a GPU with Transformer Engine" in bench_log
+    assert "bf16 symmetric (concat) [tp-overlap]: needs two GPUs" in bench_log
     assert written["fp8_noise_te.json"]["dry_run"] and written["fp8_noise_te.json"]["rows"]
     # A dry run never touches the measured figures in the repository.
     for path in Path(te_results.RESULTS_DIR).glob("*.json"):
@@ -149,19 +156,41 @@ def test_the_dry_run_runs_every_stage_of_the_plan_on_the_cpu(tmp_path):
         assert not any(row.get("dry_run") is True or row.get("device") == "cpu" for row in rows), path
 
 
-def test_the_step_bench_measures_the_goals_first_and_stops_within_its_budget():
-    from tools.bench.bench_train_step_gpu import expected_seconds, ordered_settings
+def test_the_step_bench_measures_the_goals_first_then_the_performance_settings_and_stops_within_its_budget():
+    from tools.bench.bench_train_step_gpu import PERFORMANCE, expected_seconds, ordered_settings
 
+    goals = [("bf16", "none", "none", "default"), ("bf16", "symmetric", "concat", "default"),
+             ("fp8-tensorwise", "none", "none", "default"), ("fp8-tensorwise", "symmetric", "concat", "default")]
     order = ordered_settings(["bf16", "fp8-tensorwise", "fp8-delayed"],
                              ["none:none", "uniform:none", "symmetric:concat", "symmetric:microbatch"])
-    assert order[:4] == [("bf16", "none", "none"), ("bf16", "symmetric", "concat"), ("fp8-tensorwise", "none", "none"),
-                         ("fp8-tensorwise", "symmetric", "concat")]
-    assert len(order) == 12 and len(set(order)) == 12
-    assert ordered_settings(["bf16"], ["uniform:none"]) == [("bf16", "uniform", "none")]
-    walls = {("bf16", "none", "none"): 20.0}
+    assert order[:4] == goals and len(order) == 12 and len(set(order)) == 12
+    tuned = ordered_settings(["bf16", "fp8-tensorwise", "fp8-delayed"],
+                             ["none:none", "uniform:none", "symmetric:concat", "symmetric:microbatch"], list(PERFORMANCE))
+    # Issue 26: a row per performance setting, right after the issue-24 goals' rows, beside BF16 symmetric (concat).
+    assert tuned[:4] == goals and tuned[4:9] == [("bf16", "symmetric", "concat", name) for name in PERFORMANCE]
+    assert set(PERFORMANCE) == {"static-shapes", "cuda-graphs", "no-grad-fusion", "overlap", "tp-overlap"}
+    assert tuned[9:] == order[4:]
+    assert ordered_settings(["bf16"], ["uniform:none"]) == [("bf16", "uniform", "none", "default")]
+    assert ordered_settings(["fp8-delayed"], ["none:none"], ["overlap"]) == [("fp8-delayed", "none", "none", "default")]
+    walls = {("bf16", "none", "none", "default"): 20.0}
     assert expected_seconds(walls, "symmetric") == 40.0 and expected_seconds(walls, "uniform") == 20.0
-    walls[("bf16", "symmetric", "concat")] = 30.0
+    walls[("bf16", "symmetric", "concat", "default")] = 30.0
     assert expected_seconds(walls, "symmetric") == 30.0
+
+
+def test_each_performance_setting_is_a_valid_fine_tune_configuration_that_turns_its_flags_on():
+    """The rows measure what they say: the flags of each reach the trainer's config (validated as
+    a run would be), static shapes on wherever TP overlap or CUDA graphs are."""
+    from symnoise_megatron.training.arguments import TrainingConfig
+    from tools.bench.bench_train_step_gpu import PERFORMANCE
+
+    for name, flags in PERFORMANCE.items():
+        config = TrainingConfig.from_flags(data_path=["unused"], train_iters=1, **flags)
+        config.validate_flags()
+        performance = config.performance
+        assert performance.uses_static_shapes == (name in ("static-shapes", "cuda-graphs", "tp-overlap")), name
+    assert TrainingConfig.from_flags(**PERFORMANCE["no-grad-fusion"]).performance.gradient_accumulation_fusion is False
+    assert TrainingConfig.from_flags(**PERFORMANCE["overlap"]).performance.overlap_param_gather
 
 
 def test_te_parity_fails_the_noise_check_when_the_kernel_never_ran():
@@ -183,3 +212,7 @@ def test_rows_of_a_later_call_replace_only_the_settings_it_measured():
     latest = [row(precision="bf16", noise="none", pairing="none", copies=1, step_s=2.0)]
     merged = merge_rows(earlier, latest)
     assert [(r["precision"], r["step_s"]) for r in merged] == [("fp8-delayed", 5.0), ("bf16", 2.0)]
+    # A performance setting is a row of its own; a row written before options existed ran the defaults.
+    old = {k: v for k, v in row(step_s=7.0).items() if k != "options"}
+    merged = merge_rows([old, row(options="cuda-graphs", step_s=3.0)], [row(step_s=4.0)])
+    assert [(r["options"], r["step_s"]) for r in merged] == [("cuda-graphs", 3.0), ("default", 4.0)]

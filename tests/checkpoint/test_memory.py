@@ -17,15 +17,13 @@ pytestmark = pytest.mark.distributed
 MB = 2**20
 
 
-def convert_and_measure(hf_dir, megatron_dir):
+def rss_growth(work):
+    """How far this process's resident set rose above its start while ``work()`` ran (sampled,
+    not ru_maxrss: that high-water mark already holds the import-time peak)."""
     import threading
 
     import psutil
-    import torch.distributed as dist
 
-    from symnoise_megatron.checkpoint.convert import hf_to_megatron
-
-    # Sampled, not ru_maxrss: that high-water mark already holds the import-time peak.
     process, peak, done = psutil.Process(), [0], threading.Event()
 
     def sample():
@@ -36,11 +34,20 @@ def convert_and_measure(hf_dir, megatron_dir):
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        hf_to_megatron(hf_dir, megatron_dir, progress=False)
+        work()
     finally:
         done.set()
         sampler.join()
-    return {"rank": dist.get_rank(), "growth": peak[0] - before}
+    return peak[0] - before
+
+
+def convert_and_measure(hf_dir, megatron_dir):
+    import torch.distributed as dist
+
+    from symnoise_megatron.checkpoint.convert import hf_to_megatron
+
+    growth = rss_growth(lambda: hf_to_megatron(hf_dir, megatron_dir, progress=False))
+    return {"rank": dist.get_rank(), "growth": growth}
 
 
 def test_each_rank_holds_what_it_owns(tmp_path):
@@ -64,30 +71,14 @@ def test_each_rank_holds_what_it_owns(tmp_path):
 
 
 def export_and_measure(megatron_dir, hf_dir):
-    import threading
-
-    import psutil
     import torch.distributed as dist
 
     from symnoise_megatron.checkpoint.convert import megatron_to_hf
 
     # A first export pays the imports and the allocator's first growth (25 MB here); the second is measured.
     megatron_to_hf(megatron_dir, hf_dir + "-warm-up", progress=False)
-    process, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    before = process.memory_info().rss
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        megatron_to_hf(megatron_dir, hf_dir, progress=False)
-    finally:
-        done.set()
-        sampler.join()
-    return {"rank": dist.get_rank(), "growth": peak[0] - before}
+    growth = rss_growth(lambda: megatron_to_hf(megatron_dir, hf_dir, progress=False))
+    return {"rank": dist.get_rank(), "growth": growth}
 
 
 def test_export_holds_one_layer_tensor_at_a_time(tmp_path):

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from importlib import metadata
 import types
 
 from symnoise_megatron.common.versions import checkout_commit, software_versions
@@ -26,12 +27,11 @@ def test_the_commit_of_a_checkout_and_whether_tracked_files_changed(tmp_path):
 
 
 def test_versions_are_the_installed_ones(monkeypatch):
-    import megatron.core
     import torch
 
     versions = software_versions()
     assert versions["python"] == "%d.%d.%d" % sys.version_info[:3]
-    assert versions["torch"] == torch.__version__ and versions["megatron-core"] == megatron.core.__version__
+    assert versions["torch"] == torch.__version__ and versions["megatron-core"] == metadata.version("megatron-core")
     assert "transformer-engine" not in versions  # not installed here
     monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(__version__="2.11.0"))
     assert software_versions()["transformer-engine"] == "2.11.0"

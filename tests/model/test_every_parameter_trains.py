@@ -24,18 +24,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory):
-    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
-    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
-    from symnoise_megatron.data.tokenizer import TokenizerSpec
-
-    prefix = str(tmp_path_factory.mktemp("data") / "bundled")
-    preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
-                                seq_length=65, progress=False))
-    return prefix
-
-
 def parameters_after_one_step(prefix):
     """{(tied, case): {parameter name: (gradient non-zero, parameter changed)}} on this rank."""
     os.environ["TRITON_INTERPRET"] = "1"  # the fused kernel runs on CPU (before its first import)
@@ -86,8 +74,8 @@ def global_names(chunk):
     return [(name, param) for param, name in names.items()]
 
 
-def test_one_step_moves_every_trainable_parameter(data_prefix):
-    per_rank = run_distributed(parameters_after_one_step, 8, data_prefix)
+def test_one_step_moves_every_trainable_parameter(short_rows_prefix):
+    per_rank = run_distributed(parameters_after_one_step, 8, short_rows_prefix)
     for tied, cases in CASES.items():
         for case in cases:
             held = {}

@@ -16,18 +16,6 @@ pytestmark = pytest.mark.distributed
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory):
-    from symnoise_megatron.data import BUNDLED_INSTRUCTIONS, BUNDLED_TOKENIZER
-    from symnoise_megatron.data.preprocess import PreprocessConfig, preprocess
-    from symnoise_megatron.data.tokenizer import TokenizerSpec
-
-    prefix = str(tmp_path_factory.mktemp("data") / "bundled")
-    preprocess(PreprocessConfig([BUNDLED_INSTRUCTIONS], prefix, TokenizerSpec(model_file=BUNDLED_TOKENIZER),
-                                seq_length=65, progress=False))
-    return prefix
-
-
 def losses_of_both_paths(prefix, pipeline_stages):
     """(recompute granularity, fused) -> the losses of STEPS steps from the same start."""
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is first imported (triton.jit reads it)
@@ -62,8 +50,8 @@ def losses_of_both_paths(prefix, pipeline_stages):
 
 
 @pytest.mark.parametrize("pipeline_stages", [1, 2], ids=["pp1", "pp2"])
-def test_the_fused_path_trains_the_reference_losses_under_recomputation(data_prefix, pipeline_stages):
-    losses = run_distributed(losses_of_both_paths, pipeline_stages, data_prefix, pipeline_stages)[0]
+def test_the_fused_path_trains_the_reference_losses_under_recomputation(short_rows_prefix, pipeline_stages):
+    losses = run_distributed(losses_of_both_paths, pipeline_stages, short_rows_prefix, pipeline_stages)[0]
     for granularity in ("full", "selective"):
         fused, reference = losses[granularity, True], losses[granularity, False]
         assert reference[-1] < reference[0], granularity

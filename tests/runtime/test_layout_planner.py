@@ -222,22 +222,27 @@ def test_the_shipped_layouts_are_the_planners_first_picks(layout, nodes, inputs)
     assert bool(values.get("fp8_format")) == planner_inputs.fp8
 
 
-def test_the_step_inputs_are_counted_and_the_dense_mask_only_on_the_local_spec():
+def test_the_resident_inputs_are_counted_and_the_dense_mask_only_on_the_local_spec():
     """Issue 24: every micro-batch carried a [b, 1, s, s] mask to the GPU (4.3 GB at s 4096, mbs 4,
     concat, 32 micro-batches) that the TE spec never reads; now only the local spec builds one,
-    for its micro-batches in flight, and the planner counts what stays on the device."""
+    for its micro-batches in flight. Issue 26: a micro-batch moves just before its first forward,
+    so the device holds those of the forwards in flight and the one moving, not the whole step's."""
     from symnoise_megatron.runtime.layout_planner import INPUT_BYTES_PER_TOKEN
 
     model = preset("llama2-7b")
     common = dict(seq_length=4096, global_batch_size=128, micro_batch_size=4, gpus=4, pairing="concat")
     te = plan(PlanInputs(model, **common), 1, 1, 1, 4)
     local = plan(PlanInputs(model, spec="local", **common), 1, 2, 1, 2)
-    # 32 samples a replica in 8 micro-batches, doubled: 64 rows of 4096 tokens, no mask.
-    assert te.inputs_gb * 2 ** 30 == 64 * 4096 * INPUT_BYTES_PER_TOKEN
+    # 8 micro-batches of 8 rows (doubled) a replica; one forward in flight and the next moving: 2 of
+    # them (the whole step's 64 rows before).
+    assert te.inputs_gb * 2 ** 30 == 2 * 8 * 4096 * INPUT_BYTES_PER_TOKEN
     assert te.total_gb == pytest.approx(te.weights_gb + te.gradients_gb + te.optimizer_gb + te.activations_gb
                                         + te.inputs_gb + 5.0)
-    # PP 2 x DP 2: 64 samples a replica (128 rows doubled); 2 of its 16 micro-batches in flight on the
-    # first stage, each with a mask of 8 rows of 4096^2 bytes.
-    assert local.inputs_gb * 2 ** 30 == 128 * 4096 * INPUT_BYTES_PER_TOKEN + 2 * 8 * 4096 ** 2
+    # PP 2 x DP 2: 16 micro-batches a replica; 2 in flight on the first stage, each with a mask of 8
+    # rows of 4096^2 bytes, and one moving.
+    assert local.inputs_gb * 2 ** 30 == 3 * 8 * 4096 * INPUT_BYTES_PER_TOKEN + 2 * 8 * 4096 ** 2
+    # Never more than the step has: one micro-batch a replica.
+    single = plan(PlanInputs(model, **dict(common, global_batch_size=16)), 1, 1, 1, 4)
+    assert single.inputs_gb * 2 ** 30 == 8 * 4096 * INPUT_BYTES_PER_TOKEN
     with pytest.raises(ValueError, match="spec must be te or local"):
         ranked_plans(PlanInputs(model, spec="TE"))

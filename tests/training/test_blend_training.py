@@ -22,18 +22,19 @@ def seen_samples(configs):
     for config in configs:
         lines, steps = [], []
         trainer = Trainer(TrainingConfig.from_flags(**config), log=lines.append)
-        starts, build = trainer.datasets.train.starts, trainer.batches
+        starts, indices, batch_at = trainer.datasets.train.starts, trainer.datasets.train_indices, trainer.sampler.batch_at
 
-        def recording(groups, indices, data):
+        def recording(consumed):  # the samples of each step's batch, in the order the steps build them
+            groups = batch_at(consumed)
             step = []
             for uid, position in (pair for group in groups for pair in group):
                 index = int(indices[position])
                 part = int(np.searchsorted(starts, index, side="right")) - 1
                 step.append((uid, part, index - int(starts[part])))
             steps.append(step)
-            return build(groups, indices, data)
+            return groups
 
-        trainer.batches = recording
+        trainer.sampler.batch_at = recording
         out.append(([record["loss"] for record in trainer.run()], steps, lines))
         parallel_state.destroy_model_parallel()
     return out

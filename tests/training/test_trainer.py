@@ -418,6 +418,21 @@ def test_resuming_with_another_schedule_is_refused_unless_a_flag_says_which(data
     assert overridden[0] > 0.0  # iteration 3 of the new 4-step decay
 
 
+def test_a_resume_with_another_learning_rate_trains_at_the_one_the_flag_picks(data_prefix, tmp_path):
+    # The optimizer's state carries each parameter group's max_lr: loaded as it was saved, it
+    # silently kept the checkpoint's rate under --override-opt-param-scheduler (megatron-core
+    # 0.16), or refused to load at all (0.19 matches groups by it).
+    first = dict(BASE, data_path=[data_prefix], save=str(tmp_path / "run"), train_iters=2, eval_interval=None,
+                 lr_decay_style="constant")
+    assert run_distributed(learning_rates, 1, first)[0] == [2e-3, 2e-3]
+    shutil.copytree(tmp_path / "run", tmp_path / "run_copy")
+    lower = dict(first, train_iters=3, lr=5e-4)
+    assert run_distributed(learning_rates, 1, dict(lower, override_opt_param_scheduler=True))[0] == [5e-4]
+    kept = run_distributed(learning_rates, 1, dict(lower, save=str(tmp_path / "run_copy"),
+                                                   use_checkpoint_opt_param_scheduler=True))[0]
+    assert kept == [2e-3]
+
+
 def nan_at_iteration_two(config):
     from symnoise_megatron.training.loop import Trainer
 

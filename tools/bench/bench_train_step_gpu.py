@@ -14,8 +14,13 @@ megatron-core's local spec otherwise (BF16 rows only; unfused attention).
 
 Settings run in priority order, all in this process (imports, the build and torch.compile's
 warm-up of the fused bias kernels are paid once, and the --warmup steps of each setting stay
-out of its timing): BF16 and FP8 tensorwise first, none and symmetric (concat) each, then the
-rest. Calibrated: a setting starts only while the time it is expected to take (the slowest
+out of its timing): BF16 and FP8 tensorwise first, none and symmetric (concat) each; then the
+performance settings (issue 26, --performance), each at BF16 symmetric (concat) beside that
+default row: static shapes alone, Transformer Engine's CUDA graphs of each layer (static shapes;
+captured before the last warm-up step), gradient-accumulation fusion off, the distributed
+optimizer with the gradient reduction and parameter all-gather overlapped (one GPU: DP 1, so
+this shows their overhead, not their worth), and TP communication overlap (TP 2 with sequence
+parallelism: needs two GPUs, left out with the reason on one); then the rest. Calibrated: a setting starts only while the time it is expected to take (the slowest
 setting so far, twice that for a symmetric one after single-copy ones) fits what is left of
 --budget-s; the settings left out are listed. Goals (issues 7, 18, 24): noise under 1% of step
 time (uniform vs none: the same work); symmetric processes tokens as fast as none (within 2%),
@@ -23,7 +28,8 @@ counting both copies; TE BF16 at least 450 TFLOP/s per GPU; FP8 tokens/s at leas
 the planner within 10% of the peak memory.
 
 Rows go to tools/bench/results/te_step_bench.json (and $OUT/te_step_bench.json) after every
-setting: one object per setting with exactly te_results.STEP_BENCH_KEYS, means over --rounds;
+setting: one object per setting with exactly te_results.STEP_BENCH_KEYS (``options``: the
+performance setting), means over --rounds;
 a stage cut off by its time limit keeps the rows it measured. A setting that fails is reported
 and the exit status is 1. Without CUDA it prints SKIPPED and exits 0; ``--smallest`` runs the
 tiny model on the CPU, local spec, BF16 (the dry run).
@@ -41,7 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from te_results import (  # noqa: E402
-    PRECISIONS, add_smallest_flag, device_name, fp8_recipe, merge_rows, one_process_group, read_rows,
+    DEFAULT_OPTIONS, PRECISIONS, add_smallest_flag, device_name, fp8_recipe, merge_rows, one_process_group, read_rows,
     release_trainer, stage_device, step_bench_row, synchronize, write_json,
 )
 
@@ -52,10 +58,37 @@ FIRST = [("bf16", "none", "none"), ("bf16", "symmetric", "concat"), ("fp8-tensor
          ("fp8-tensorwise", "symmetric", "concat")]
 
 
-def ordered_settings(precisions, settings):
-    """(precision, noise, pairing) in the order they run: FIRST's that were asked for, then the rest."""
-    asked = [(p, *s.split(":")) for p in precisions for s in settings]
-    return [s for s in FIRST if s in asked] + [s for s in asked if s not in FIRST]
+# Performance settings (issue 26): the fine-tune's flags of each, measured at PERFORMANCE_AT beside
+# that setting's default row, so that the first GPU call says what each is worth.
+PERFORMANCE = {
+    "static-shapes": dict(static_shapes=True),
+    "cuda-graphs": dict(cuda_graph_impl="transformer_engine"),
+    "no-grad-fusion": dict(no_gradient_accumulation_fusion=True),
+    "overlap": dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True),
+    "tp-overlap": dict(tensor_model_parallel_size=2, sequence_parallel=True, tp_comm_overlap=True),
+}
+PERFORMANCE_AT = ("bf16", "symmetric", "concat")
+
+
+def ordered_settings(precisions, settings, performance=()):
+    """(precision, noise, pairing, options) in the order they run: FIRST's that were asked for, the
+    performance settings (at PERFORMANCE_AT, if its precision was asked for), then the rest."""
+    asked = [(p, *s.split(":"), DEFAULT_OPTIONS) for p in precisions for s in settings]
+    first = [(*s, DEFAULT_OPTIONS) for s in FIRST if (*s, DEFAULT_OPTIONS) in asked]
+    tuned = [(*PERFORMANCE_AT, name) for name in performance] if PERFORMANCE_AT[0] in precisions else []
+    return first + tuned + [s for s in asked if s not in first]
+
+
+def unavailable(options: str, world_size: int) -> str:
+    """Why a performance setting cannot run here ("" when it can)."""
+    if options == "tp-overlap" and world_size < 2:
+        return "needs two GPUs (TP 2 with sequence parallelism); this run has one process"
+    if options in ("cuda-graphs", "tp-overlap"):
+        from symnoise_megatron.model.builder import transformer_engine_available
+
+        if not (torch.cuda.is_available() and transformer_engine_available()):
+            return "needs a GPU with Transformer Engine"
+    return ""
 
 
 def synthetic_data(workdir: str, seq_length: int, rows: int) -> str:
@@ -86,7 +119,7 @@ def gpu_kind() -> str:
     return "H200" if "H200" in name else "H100"
 
 
-def measure(args, prefix, precision, noise_kind, pairing):
+def measure(args, prefix, precision, noise_kind, pairing, options=DEFAULT_OPTIONS):
     """One setting's row: build, --warmup steps, then the median of --steps timed steps."""
     from symnoise_megatron.model.builder import built_with_transformer_engine
     from symnoise_megatron.runtime.hardware import device_peak_tflops
@@ -95,7 +128,10 @@ def measure(args, prefix, precision, noise_kind, pairing):
     from symnoise_megatron.training.loop import Trainer
 
     recipe = fp8_recipe(precision)
-    config = TrainingConfig.from_flags(
+    performance = dict(PERFORMANCE.get(options, {}))
+    if performance.get("cuda_graph_impl"):
+        performance["cuda_graph_warmup_steps"] = max(1, args.warmup - 1)  # captured before the last warm-up step
+    config = TrainingConfig.from_flags(**performance,
         data_path=[prefix], model=args.model, num_layers=args.num_layers, seq_length=args.seq_length,
         micro_batch_size=1, global_batch_size=args.global_batch_size, train_iters=args.warmup + args.steps,
         lr=1e-5, bf16=True, fp8_format="hybrid" if recipe else None, fp8_recipe=recipe or "delayed",
@@ -118,7 +154,7 @@ def measure(args, prefix, precision, noise_kind, pairing):
                               spec=spec), 1, 1, 1, 1)
     peak = (torch.cuda.max_memory_allocated() - held_before) / 2 ** 30 if torch.cuda.is_available() else 0.0
     row = step_bench_row(
-        device=device_name(), spec=spec, precision=precision, noise=noise_kind, pairing=pairing,
+        device=device_name(), spec=spec, precision=precision, noise=noise_kind, pairing=pairing, options=options,
         layers=args.num_layers, seq_length=args.seq_length, step_s=sorted(times)[len(times) // 2],
         data_tokens=args.global_batch_size * args.seq_length, copies=2 if noise_kind == "symmetric" else 1,
         flops_per_token=trainer.model_config.flops_per_token(args.seq_length), peak_tflops=device_peak_tflops(bool(recipe)),
@@ -156,15 +192,16 @@ def mean_rows(results):
             for key in first}
 
 
-def label_of(precision, noise_kind, pairing) -> str:
-    return f"{precision} {noise_kind}" + (f" ({pairing})" if noise_kind == "symmetric" else "")
+def label_of(precision, noise_kind, pairing, options=DEFAULT_OPTIONS) -> str:
+    return (f"{precision} {noise_kind}" + (f" ({pairing})" if noise_kind == "symmetric" else "")
+            + (f" [{options}]" if options != DEFAULT_OPTIONS else ""))
 
 
 def expected_seconds(walls: dict, noise_kind: str) -> float:
     """What the next setting should take, from the settings measured so far: the slowest of its
     kind, or twice the slowest single-copy one for a symmetric setting measured before any."""
-    symmetric = [w for (_, n, _), w in walls.items() if n == "symmetric"]
-    single = [w for (_, n, _), w in walls.items() if n != "symmetric"]
+    symmetric = [w for (_, n, *_), w in walls.items() if n == "symmetric"]
+    single = [w for (_, n, *_), w in walls.items() if n != "symmetric"]
     if noise_kind == "symmetric":
         return max(symmetric) if symmetric else 2 * max(single, default=0.0)
     return max(single) if single else max(symmetric, default=0.0)
@@ -184,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--settings", nargs="+", default=[f"{n}:{p}" for n, p in SETTINGS],
                         choices=[f"{n}:{p}" for n, p in SETTINGS], help="noise:pairing")
+    parser.add_argument("--performance", nargs="*", default=list(PERFORMANCE), choices=list(PERFORMANCE),
+                        help=f"performance settings measured at {' '.join(PERFORMANCE_AT)} after the goals' rows "
+                             "(default: all; none with an empty list)")
     add_smallest_flag(parser)
     args = parser.parse_args(argv)
     device = stage_device("bench_train_step_gpu", args.smallest, needs_te=False)
@@ -208,8 +248,9 @@ def run(args, argv) -> int:
     if not transformer_engine_available() and precisions != ["bf16"]:
         print("no Transformer Engine: FP8 rows skipped, local spec (unfused attention)")
         precisions = ["bf16"]
-    order = ordered_settings(precisions, args.settings)
-    runs, failed, walls, left_out = {}, [], {}, []
+    order = ordered_settings(precisions, args.settings, args.performance)
+    runs, failed, walls, left_out, cannot_run = {}, [], {}, [], []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     earlier = [] if args.smallest else read_rows("te_step_bench.json")
     for round_index in range(args.rounds):
         for setting in order:
@@ -217,6 +258,11 @@ def run(args, argv) -> int:
             elapsed = time.perf_counter() - started
             if args.budget_s is not None and walls and elapsed + expected_seconds(walls, setting[1]) > args.budget_s:
                 left_out.append(f"{label} round {round_index + 1}")
+                continue
+            reason = unavailable(setting[3], world_size)
+            if reason:
+                if round_index == 0:
+                    cannot_run.append(f"{label}: {reason}")
                 continue
             setting_started = time.perf_counter()
             try:
@@ -238,10 +284,13 @@ def run(args, argv) -> int:
           f"global batch {args.global_batch_size}, micro-batch 1, mean over {args.rounds} round(s) of the median of "
           f"{args.steps} steps, {'Transformer Engine' if transformer_engine_available() else 'megatron-core local'} spec"
           f"{' (dry run: no measurement)' if args.smallest else ''}\n")
-    print("| run | step s | spread | data tokens/s | processed tokens/s | vs none (processed) | TFLOP/s/GPU | MFU | peak memory GB | planner GB |")
+    print("| run | step s | spread | data tokens/s | processed tokens/s | vs none (processed; [options]: vs their default) | "
+          "TFLOP/s/GPU | MFU | peak memory GB | planner GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         baseline = rows.get(f"{row['precision']} none")
+        if row.get("options", DEFAULT_OPTIONS) != DEFAULT_OPTIONS:  # a performance setting: against its default row
+            baseline = rows.get(label_of(row["precision"], row["noise"], row["pairing"]))
         ratio = f"{row['processed_tokens_per_s'] / baseline['processed_tokens_per_s']:.3f}" if baseline else "-"
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         print(f"| {name} | {row['step_s']:.3f} | {spread[name]:.1%} | {row['tokens_per_s']:.0f} | "
@@ -251,6 +300,8 @@ def run(args, argv) -> int:
         print("written:", ", ".join(written))
     if left_out:
         print(f"not measured within --budget-s {args.budget_s:g}: {'; '.join(left_out)}")
+    if cannot_run:
+        print(f"not measurable here: {'; '.join(cannot_run)}")
     if failed:
         print("FAILED settings:", "; ".join(failed))
         return 1

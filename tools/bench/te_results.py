@@ -27,12 +27,14 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SKIPPED = 0  # exit status of a stage that cannot run here (no CUDA / no TE): not a failure
 
-STEP_BENCH_KEYS = ("device", "spec", "precision", "noise", "pairing", "layers", "seq_length", "step_s", "tokens_per_s",
-                   "processed_tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gb", "planner_memory_gb")
+STEP_BENCH_KEYS = ("device", "spec", "precision", "noise", "pairing", "options", "layers", "seq_length", "step_s",
+                   "tokens_per_s", "processed_tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gb",
+                   "planner_memory_gb")
 SPECS = ("te", "local")
 PRECISIONS = ("bf16", "fp8-delayed", "fp8-tensorwise", "fp8-blockwise")
 NOISES = ("none", "uniform", "symmetric")
 PAIRINGS = ("none", "concat", "microbatch")
+DEFAULT_OPTIONS = "default"  # the fine-tune's own performance defaults
 
 
 def fp8_recipe(precision: str) -> Optional[str]:
@@ -44,8 +46,9 @@ def fp8_recipe(precision: str) -> Optional[str]:
 
 def step_bench_row(*, device: str, spec: str, precision: str, noise: str, pairing: str, layers: int, seq_length: int,
                    step_s: float, data_tokens: int, copies: int, flops_per_token: float, peak_tflops: Optional[float],
-                   peak_memory_gb: float, planner_memory_gb: float) -> dict:
-    """One row of te_step_bench.json: ``data_tokens`` per step (one copy), ``copies`` 2 for symmetric."""
+                   peak_memory_gb: float, planner_memory_gb: float, options: str = DEFAULT_OPTIONS) -> dict:
+    """One row of te_step_bench.json: ``data_tokens`` per step (one copy), ``copies`` 2 for symmetric;
+    ``options``: the performance setting it ran with (bench_train_step_gpu.PERFORMANCE's name)."""
     if spec not in SPECS or precision not in PRECISIONS or noise not in NOISES or pairing not in PAIRINGS:
         raise ValueError(f"bad row labels: spec {spec!r}, precision {precision!r}, noise {noise!r}, pairing {pairing!r}")
     if (noise == "symmetric") != (pairing != "none") or copies != (2 if noise == "symmetric" else 1):
@@ -53,7 +56,7 @@ def step_bench_row(*, device: str, spec: str, precision: str, noise: str, pairin
     tokens_per_s = data_tokens / step_s
     processed = tokens_per_s * copies
     tflops = processed * flops_per_token / 1e12
-    row = dict(device=device, spec=spec, precision=precision, noise=noise, pairing=pairing, layers=layers,
+    row = dict(device=device, spec=spec, precision=precision, noise=noise, pairing=pairing, options=options, layers=layers,
                seq_length=seq_length, step_s=step_s, tokens_per_s=tokens_per_s, processed_tokens_per_s=processed,
                tflops_per_gpu=tflops, mfu=tflops / peak_tflops if peak_tflops else None,
                peak_memory_gb=peak_memory_gb, planner_memory_gb=planner_memory_gb)
@@ -61,14 +64,18 @@ def step_bench_row(*, device: str, spec: str, precision: str, noise: str, pairin
     return row
 
 
-ROW_KEY = ("device", "spec", "precision", "noise", "pairing", "layers", "seq_length")
+ROW_KEY = ("device", "spec", "precision", "noise", "pairing", "options", "layers", "seq_length")
 
 
 def merge_rows(earlier: List[dict], latest: List[dict]) -> List[dict]:
     """``latest`` plus the ``earlier`` rows of settings it did not measure again (one call
-    per group of precisions fits the device's time limit; the file keeps them all)."""
-    measured = {tuple(r[k] for k in ROW_KEY) for r in latest}
-    return [r for r in earlier if tuple(r.get(k) for k in ROW_KEY) not in measured] + list(latest)
+    per group of precisions fits the device's time limit; the file keeps them all). Rows from
+    before the performance settings existed ran with the defaults."""
+    def key(row):
+        return tuple(row.get(k, DEFAULT_OPTIONS if k == "options" else None) for k in ROW_KEY)
+
+    measured = {key(r) for r in latest}
+    return [r for r in earlier if key(r) not in measured] + list(latest)
 
 
 def read_rows(name: str) -> List[dict]:

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-import torch
+import torch  # noqa: F401  (before Transformer Engine: it loads the CUDA libraries TE links against)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from te_results import (  # noqa: E402
