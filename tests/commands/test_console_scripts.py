@@ -215,5 +215,5 @@ def test_the_flow_from_a_plain_install_and_the_extras_each_command_names(install
     with open(os.path.join(cwd, "answers.json"), encoding="utf-8") as handle:
         answers = json.load(handle)
     assert [row["instruction"] for row in answers] == ["Name a color.", "Say hello."]
-    rows = json.loads(in_venv(installed, ["symnoise-metrics", "answers.json", "--words", "4", "--format", "json"]))
+    rows = json.loads(in_venv(installed, ["symnoise-metrics", "answers.json", "--words", "8", "--format", "json"]))
     assert rows[0]["responses"] == 2
