@@ -13,11 +13,14 @@ from tests import distributed
 # so they stay in the first leg.
 MEGATRON_CORE_TESTS = ("tests/model/", "tests/noise/", "tests/checkpoint/", "tests/runtime/test_cpu_runtime.py",
                        "tests/common/test_third_party_warnings.py")
+# The docs' commands check the documents, not a megatron-core release: once, in the first leg.
+FIRST_LEG_ONLY = ("tests/test_docs.py",)
 
 
 def pytest_addoption(parser):
     parser.addoption("--megatron-core-subset", action="store_true",
-                     help="CI's second leg: only the tests marked distributed (but not slurm or install) and those under "
+                     help="CI's second leg: only the tests marked distributed (but not slurm or install, nor the docs' "
+                          f"{', '.join(FIRST_LEG_ONLY)}) and those under "
                           f"{', '.join(MEGATRON_CORE_TESTS)}; names the files it leaves out")
 
 
@@ -25,7 +28,8 @@ def in_megatron_core_subset(item) -> bool:
     # The install tests build the package's own environment (the first leg's versions), whatever
     # runs them: a second run would only install 0.19's CUDA torch again.
     return ((item.nodeid.startswith(MEGATRON_CORE_TESTS) or item.get_closest_marker("distributed") is not None)
-            and item.get_closest_marker("slurm") is None and item.get_closest_marker("install") is None)
+            and item.get_closest_marker("slurm") is None and item.get_closest_marker("install") is None
+            and not item.nodeid.startswith(FIRST_LEG_ONLY))
 
 
 @pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests

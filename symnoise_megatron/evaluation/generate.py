@@ -421,6 +421,8 @@ def generate_file(generator: _Engine, prompts_path: str, output_path: str, name:
     identity = generator.identity(decoding)
     prompts = read_prompts(prompts_path)[:limit]
     done = answered_rows(output_path, prompts, prompts_path, identity)
+    # The docs write outputs/NAME.json: the folder is made, as --save's is.
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     write_json({"generator": identity, "batch_size": batch_size}, meta_path(output_path))
 
     remaining = list(range(len(done), len(prompts)))

@@ -206,6 +206,16 @@ def test_an_interrupted_batched_run_keeps_a_prefix_and_resumes(checkpoints, tmp_
     assert generate_file(generator, str(prompts), str(output), "m", 8, batch_size=2, progress=False) == full
 
 
+def test_the_output_folder_is_made(checkpoints, tmp_path):
+    from symnoise_megatron.evaluation.generate import Generator, generate_file
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(MORE_PROMPTS[:1]))
+    output = tmp_path / "outputs" / "run" / "x.json"  # as the docs name it: outputs/x.json, in a new folder
+    rows = generate_file(Generator(checkpoints[0]), str(prompts), str(output), "m", 2, progress=False)
+    assert json.loads(output.read_text()) == rows and len(rows) == 1 and (tmp_path / "outputs" / "run" / "x.json.meta").is_file()
+
+
 @pytest.mark.parametrize("change, field", [
     (dict(max_new_tokens=5), "max_new_tokens"),
     (dict(repetition_penalty=1.2), "repetition_penalty"),
