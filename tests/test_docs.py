@@ -42,6 +42,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The order a newcomer follows (later blocks read what earlier ones wrote); the rest after.
 DOCS = ["README.md", "docs/data.md", "docs/checkpoints.md", "docs/training.md", "docs/evaluation.md",
         "docs/smollm2.md", "docs/method.md", "docs/architecture.md", "docs/development.md"]
+# The cpu blocks run in this order: README's demo after docs/smollm2.md's conversion of the same model.
+RUN_ORDER = ["docs/smollm2.md"]
 KINDS = ("cpu", "gpu", "cluster", "network", "ci")
 SHELL_LANGUAGES = ("bash", "sh", "shell")
 MARKER = re.compile(r"^<!--\s*runs-on:\s*(\S+)\s*-->\s*$")
@@ -367,18 +369,33 @@ def _fine_tuned(folder, run):
 
 
 def _answers(folder, run):
-    run(["symnoise-generate", "--megatron-dir", "runs/llama2-7b-alpaca-symnoise", "--prompts", "alpaca_data.json",
+    # From the run's export (docs/checkpoints.md's block made it): no conversion on the fly.
+    run(["symnoise-generate", "--hf-dir", "hf/llama2-7b-alpaca-symnoise", "--prompts", "alpaca_data.json",
          "--limit", "2", "--max-new-tokens", "4", "--output", "outputs/symnoise.json", "--no-progress"])
+
+
+def _converted_smollm2(folder, run):
+    # The demo converts SmolLM2 unless its folder holds the conversion: docs/smollm2.md's block made
+    # the same one (the same model, converted the same way), so it is converted once here.
+    os.makedirs(os.path.join(folder, "cpu_demo"), exist_ok=True)
+    os.symlink(os.path.join(folder, "ckpt", "smollm2"), os.path.join(folder, "cpu_demo", "smollm2-megatron"))
 
 
 # The docs' names for what the CPU cannot make at their size, and how the test makes a small one.
 STAND_INS = {"Llama-2-7b-hf": _tiny_llama, "alpaca_data.json": _bundled,
              "runs/llama2-7b-alpaca-symnoise": _fine_tuned, "outputs/symnoise.json": _answers}
+# Made before a block that runs a script, when what they are made from exists.
+BEFORE_SCRIPTS = {"examples/cpu_demo.sh": ("cpu_demo/smollm2-megatron", "ckpt/smollm2", _converted_smollm2)}
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return str(tmp_path_factory.mktemp("docs"))
+
+
+# The small sizes the cpu blocks run at, through the variables their scripts document
+# (examples/cpu_demo.sh: ITERS, NEW_TOKENS, and OUT to keep its output in the test's folder).
+SMALL = {"ITERS": "2", "NEW_TOKENS": "4", "OUT": "cpu_demo"}
 
 
 def environment(**more):
@@ -388,7 +405,8 @@ def environment(**more):
     return dict(env, **more)
 
 
-CPU_BLOCKS = [block for block in SHELL_BLOCKS if block.kind == "cpu"]
+CPU_BLOCKS = sorted((block for block in SHELL_BLOCKS if block.kind == "cpu"),
+                    key=lambda block: os.path.relpath(block.path, REPO) not in RUN_ORDER)
 
 
 @pytest.mark.distributed  # runs torchrun and the commands' own processes
@@ -404,10 +422,13 @@ def test_the_cpu_blocks_run(folder):
         for name, make in STAND_INS.items():
             if re.search(r"(?<![\w/.-])" + re.escape(name) + r"(?![\w.-])", block.text) and not os.path.exists(os.path.join(folder, name)):
                 make(folder, run)
+        for script, (name, source, make) in BEFORE_SCRIPTS.items():
+            if script in block.text and os.path.exists(os.path.join(folder, source)) and not os.path.lexists(os.path.join(folder, name)):
+                make(folder, run)
         # The scripts the docs call by their path in the checkout.
         script = f"cd {shlex.quote(folder)}\n" + block.text.replace("bash examples/", f"bash {REPO}/examples/")
         started = time.monotonic()
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, env=environment(),
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, env=environment(**SMALL),
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{block.where} failed:\n{block.text}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         print(f"{block.where}: {time.monotonic() - started:.1f} s")
