@@ -9,17 +9,21 @@ examples/**/README.md has a marker on the line before it saying where it runs:
 
 Parsing checks each command with the real thing: a symnoise-* command (or its `python tools/X.py`
 alias, `python -m symnoise_megatron.finetune`, and either under torchrun, whose own parser reads
-its part) gets its argv parsed by the command's own argparse parser (symnoise-finetune's with its
---config files read); `bash SCRIPT` needs the script, bash must parse it, and each variable set
-for it must be read by it or the files beside it; `pip install` extras must be declared; `python
--c` code must compile. A block without a marker, with an unknown one, or with a command this
-file cannot check fails.
+its part) gets its argv parsed by the command's own argparse parser, flags spelled in full
+(symnoise-finetune's with its --config files read and its flag checks run); `bash SCRIPT` needs
+the script, bash must parse it, and each variable set for it must be read by it or the files
+beside it; `pip install` extras must be declared and pins must be the requirements files';
+`python -c` code must compile; pytest's paths and markers must exist. A block without a marker,
+with an unknown one, or with a command this file cannot check fails. `...` stands for elided
+arguments and is dropped.
 
-The cpu blocks run in the documents' order (DOCS) in one folder where the docs' names stand for
-small things (STAND_INS): `Llama-2-7b-hf` is a tiny random LLaMA with the bundled tokenizer,
-`alpaca_data.json` the bundled instructions; a name the docs take from a GPU step (the fine-tuned
-run, its answers) is made by the CPU preset of the same launch (examples/finetune.sh, PRESET=cpu
-ITERS=2) just before the first block that reads it.
+The cpu blocks run in the documents' order (DOCS; FIRST_TO_RUN before) in one folder where the
+docs' names stand for small things (STAND_INS): `Llama-2-7b-hf` is a tiny random LLaMA with the
+bundled tokenizer, `alpaca_data.json` the bundled instructions; a name the docs take from a GPU
+step (the fine-tuned run, its answers) is made by the CPU preset of the same launch
+(examples/finetune.sh, PRESET=cpu ITERS=2) just before the first block that reads it. Scripts run
+at the small sizes their own documented variables give (SMALL). docs/development.md#runnable-docs
+says the same for the docs' writers.
 """
 
 import argparse
@@ -42,8 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The order a newcomer follows (later blocks read what earlier ones wrote); the rest after.
 DOCS = ["README.md", "docs/data.md", "docs/checkpoints.md", "docs/training.md", "docs/evaluation.md",
         "docs/smollm2.md", "docs/method.md", "docs/architecture.md", "docs/development.md"]
-# The cpu blocks run in this order: README's demo after docs/smollm2.md's conversion of the same model.
-RUN_ORDER = ["docs/smollm2.md"]
+# Run before the other cpu blocks: README's demo reuses docs/smollm2.md's conversion of the same model.
+FIRST_TO_RUN = ["docs/smollm2.md"]
 KINDS = ("cpu", "gpu", "cluster", "network", "ci")
 SHELL_LANGUAGES = ("bash", "sh", "shell")
 MARKER = re.compile(r"^<!--\s*runs-on:\s*(\S+)\s*-->\s*$")
@@ -406,7 +410,7 @@ def environment(**more):
 
 
 CPU_BLOCKS = sorted((block for block in SHELL_BLOCKS if block.kind == "cpu"),
-                    key=lambda block: os.path.relpath(block.path, REPO) not in RUN_ORDER)
+                    key=lambda block: os.path.relpath(block.path, REPO) not in FIRST_TO_RUN)
 
 
 @pytest.mark.distributed  # runs torchrun and the commands' own processes
