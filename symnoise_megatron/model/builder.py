@@ -114,7 +114,8 @@ def check_p2p_exchange(fields: dict) -> None:
     if interleaved and fields["pipeline_model_parallel_size"] == 2 and fields["batch_p2p_comm"] \
             and not fields.get("overlap_p2p_comm"):
         raise ValueError(
-            "--num-layers-per-virtual-pipeline-stage with --pipeline-model-parallel-size 2 is refused on GPUs: a rank's "
+            "Interleaved pipeline stages (--num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-"
+            "stage) with --pipeline-model-parallel-size 2 are refused on GPUs: a rank's "
             "previous and next stage are the same peer, and Megatron-LM refuses it too ('pipeline-model-parallel size "
             "should be greater than 2 to avoid having multiple p2p sends and recvs between same 2 ranks per "
             "communication batch'); use --pipeline-model-parallel-size 4 or more, or no interleaving")

@@ -14,7 +14,7 @@ from symnoise_megatron.model.parallelism import ParallelConfig
 
 
 def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = None, seed: int = 1234,
-                           timeout_minutes: int = 10) -> None:
+                           timeout_minutes: int = 10, cuda_graphs: bool = False) -> None:
     """Join the job's process group (torchrun's environment) and build megatron's groups.
 
     ``timeout_minutes`` (Megatron-LM's --distributed-timeout-minutes, default 10 as there):
@@ -22,7 +22,8 @@ def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = No
     group megatron-core builds (whose own default is 30).
 
     On a GPU this also seeds megatron-core's CUDA RNG tracker (tensor-parallel weight
-    init and dropout fork it), as Megatron-LM's initialisation does; on CPU the runtime
+    init and dropout fork it), as Megatron-LM's initialisation does, with the tracker a CUDA
+    graph can capture where ``cuda_graphs`` (``cuda_rng_tracker_options``); on CPU the runtime
     replaces that tracker."""
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -40,7 +41,15 @@ def initialize_distributed(parallel: ParallelConfig, backend: Optional[str] = No
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, **cuda_rng_tracker_options(cuda_graphs))
+
+
+def cuda_rng_tracker_options(cuda_graphs: bool) -> dict:
+    """megatron-core's RNG tracker for a run with CUDA graphs, as Megatron-LM picks it: Transformer
+    Engine's tracker on graph-safe generators. The default tracker swaps the global generator's
+    state at every dropout fork (TE's attention forks it even without dropout), which a capture
+    refuses, and megatron-core's own graphs refuse to build on it."""
+    return {"te_rng_tracker": cuda_graphs, "use_cudagraphable_rng": cuda_graphs}
 
 
 def compute_device() -> torch.device:

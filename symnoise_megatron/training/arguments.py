@@ -265,6 +265,10 @@ class PrecisionOptions:
                              "refuses it); use tensorwise or blockwise scaling, or leave layernorm out")
         if self.fp8_param_gather and not self.fp8_format:
             raise ValueError("--fp8-param-gather needs --fp8-format")
+        if self.first_last_layers_bf16 and self.fp8_format and self.fp8_recipe == "delayed":
+            raise ValueError("--first-last-layers-bf16 does not work with --fp8-recipe delayed (megatron-core refuses "
+                             "it: 'Delayed scaling does not support first / last layer in BF16'); use --fp8-recipe "
+                             "tensorwise or blockwise")
 
     @property
     def params_dtype(self):

@@ -27,16 +27,28 @@ def trimmed_length(longest: int, full: int, multiple: int) -> int:
     return min(full, max(multiple, -(-longest // multiple) * multiple))
 
 
+def sequence_shards(config: TrainingConfig) -> int:
+    """How many ranks a row's positions are split over before the GEMMs: the tensor-parallel
+    ranks under sequence parallelism, else none."""
+    tp = config.parallelism.tensor_model_parallel_size
+    return tp if config.parallelism.sequence_parallel and tp > 1 else 1
+
+
 def required_length_multiple(config: TrainingConfig) -> Tuple[int, List[str]]:
     """What every row length of the run must be a multiple of, and why: sequence parallelism
-    splits the sequence over the tensor-parallel ranks, FP8 GEMMs take multiples of 16 tokens."""
+    splits the sequence over the tensor-parallel ranks, and FP8 GEMMs take what each rank holds
+    of it in multiples of 16 tokens (Transformer Engine's FP8 check); blockwise scaling gathers
+    FP8 shards of whole 128-token blocks."""
     multiple, reasons = 1, []
-    tp = config.parallelism.tensor_model_parallel_size
-    if config.parallelism.sequence_parallel and tp > 1:
-        multiple, reasons = math.lcm(multiple, tp), reasons + [f"--sequence-parallel splits it over "
-                                                               f"--tensor-model-parallel-size {tp}"]
+    shards = sequence_shards(config)
+    if shards > 1:
+        multiple, reasons = shards, [f"--sequence-parallel splits it over --tensor-model-parallel-size {shards}"]
     if config.precision.fp8_format:
-        multiple, reasons = math.lcm(multiple, 16), reasons + ["--fp8-format's GEMMs take multiples of 16 tokens"]
+        tokens = 128 if shards > 1 and config.precision.fp8_recipe == "blockwise" else 16
+        per_rank = f" on each of the {shards} sequence-parallel ranks" if shards > 1 else ""
+        multiple = math.lcm(multiple, tokens * shards)
+        reasons.append(f"--fp8-format's GEMMs take multiples of {tokens} tokens{per_rank}"
+                       + (" (--fp8-recipe blockwise gathers 128-token blocks)" if tokens == 128 else ""))
     return multiple, reasons
 
 
@@ -44,14 +56,15 @@ def check_seq_length(config: TrainingConfig) -> int:
     """The multiple rows are cut to, decided at start-up: a --seq-length that a step could not
     run at is refused here, naming the flags, rather than when the data happens to fill a row.
 
-    Beyond what is required, rows on a GPU are rounded to multiples of 16 (tensor-core tiles);
-    a CPU wants no rounding (every added position costs compute)."""
+    Beyond what is required, rows on a GPU are rounded to multiples of 16 tokens on each
+    sequence-parallel rank (tensor-core tiles); a CPU wants no rounding (every added position
+    costs compute)."""
     required, reasons = required_length_multiple(config)
     seq_length = config.data.seq_length
     if seq_length % required:
         raise ValueError(f"--seq-length {seq_length} must be a multiple of {required} ({'; '.join(reasons)}): "
                          f"use {seq_length // required * required or required} or {-(-seq_length // required) * required}")
-    return math.lcm(required, 16 if torch.cuda.is_available() else 1)
+    return math.lcm(required, 16 * sequence_shards(config) if torch.cuda.is_available() else 1)
 
 
 @dataclass(frozen=True)
@@ -126,9 +139,10 @@ class StepBatches:
         length = self.row_length(max(sum(flat[i].input_length(self.seq_length) for i in members) for members in layout))
         rows = [packed_row([flat[i] for i in members], self.seq_length, self.pad_id, length) for members in layout]
         size = self.micro_batch_size
-        if self.pipeline_stages > 1:
-            # Stages exchange activations of one fixed shape, and the interleaved schedule
-            # wants whole groups of micro-batches: fill out with empty rows.
+        if self.pipeline_stages > 1 or self.static_shapes:
+            # Stages exchange activations of one fixed shape, static shapes hand every forward
+            # one shape, and the interleaved schedule wants whole groups of micro-batches: fill
+            # out with empty rows.
             multiple = size * (self.pipeline_stages if self.interleaved else 1)
             rows += [empty_packed_row(length, self.pad_id, self._reads_samples) for _ in range(-len(rows) % multiple)]
         return [concatenate(rows[i:i + size]) for i in range(0, len(rows), size)]

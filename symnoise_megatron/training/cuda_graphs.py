@@ -46,9 +46,13 @@ class CudaGraphCapture:
         self.helper = helper_class(model=chunks, config=transformer_config, seq_length=seq_length,
                                    micro_batch_size=rows, optimizers=[optimizer])
 
-    def before_step(self) -> None:
-        """Capture at the first step after the warm-up steps (once)."""
+    def before_step(self, settle=None) -> None:
+        """Capture at the first step after the warm-up steps (once). ``settle``: called first, to
+        finish the host work in flight in other threads (a capture fails on their CUDA calls,
+        such as the prefetcher's pinned allocations)."""
         if self.enabled and self.steps_run == self.warmup_steps and not self.helper.graphs_created():
+            if settle is not None:
+                settle()
             if self.hooks_off and self.steps_run:
                 for chunk in self.chunks:
                     chunk.disable_forward_pre_hook(param_sync=False)

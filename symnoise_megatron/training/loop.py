@@ -19,7 +19,7 @@ from symnoise_megatron.data.sampler import GlobalBatchSampler
 from symnoise_megatron.noise.config import NoiseConfig
 from symnoise_megatron.model.builder import built_with_transformer_engine
 from symnoise_megatron.runtime.parallel import compute_device, initialize_distributed
-from symnoise_megatron.runtime.userbuffers import initialize_tp_comm_overlap, userbuffer_shape
+from symnoise_megatron.runtime.userbuffers import initialize_tp_comm_overlap, userbuffer_modes, userbuffer_shape
 from symnoise_megatron.training import checkpointing, retention
 from symnoise_megatron.training.arguments import TrainingConfig
 from symnoise_megatron.training.batches import HostStep, RankInputs, StepBatches
@@ -72,7 +72,8 @@ class Trainer:
         check_logging_packages(config.logging)
 
         initialize_distributed(self.parallel, seed=config.optimizer.seed,
-                               timeout_minutes=config.parallelism.distributed_timeout_minutes)
+                               timeout_minutes=config.parallelism.distributed_timeout_minutes,
+                               cuda_graphs=config.performance.uses_cuda_graphs)
         self.device = compute_device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -92,11 +93,14 @@ class Trainer:
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
         self.transformer_config = build_transformer_config(config, self.model_config, self.parallel)
+        precision = config.precision
         if config.performance.tp_comm_overlap:  # before the model: its layers look the buffers up when built
             initialize_tp_comm_overlap(userbuffer_shape(
                 config.data.seq_length, self.noise.rows_per_microbatch(options.micro_batch_size),
                 self.model_config.hidden_size, self.parallel.context_parallel_size),
-                self.parallel.tensor_model_parallel_size, bool(config.precision.fp8_format))
+                self.parallel.tensor_model_parallel_size, userbuffer_modes(bool(precision.fp8_format), bf16_layers=(
+                    precision.first_last_layers_bf16 and precision.num_layers_at_start_in_bf16
+                    + precision.num_layers_at_end_in_bf16 > 0)), precision.params_dtype)
         self.chunks = build_training_chunks(config, self.model_config, self.noise, self.transformer_config, self.parallel,
                                             self.device, self.start.weights_source(), self.datasets.mean_sample_length, log)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(config, self.chunks, self.train_iters)
@@ -200,7 +204,7 @@ class Trainer:
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        self.cuda_graphs.before_step()
+        self.cuda_graphs.before_step(settle=self.train_batches.settle)
         consumed = self.sampler.consumed_samples
         more = self.iteration + 1 < self.train_iters
         step = self.train_batches.get(consumed, consumed + self.config.optimizer.global_batch_size if more else None)

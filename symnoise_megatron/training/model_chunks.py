@@ -142,6 +142,8 @@ def build_transformer_config(config: TrainingConfig, model_config: ModelConfig, 
         "cuda_graph_impl": performance.cuda_graph_impl,
         "cuda_graph_scope": list(performance.cuda_graph_scope),
         "cuda_graph_warmup_steps": performance.cuda_graph_warmup_steps,
+        # The tracker runtime/parallel.py seeds for CUDA graphs (cuda_rng_tracker_options).
+        "use_te_rng_tracker": performance.uses_cuda_graphs,
     }
     if precision.fp8_format:
         overrides.update(fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe, fp8_param=precision.fp8_param_gather)

@@ -56,6 +56,11 @@ class Prefetcher(Generic[T]):
             self.pending = (next_key, self.executor.submit(self.build, next_key))
         return result
 
+    def settle(self) -> None:
+        """Wait for the build in flight, keeping its result for the ``get`` that asks for it."""
+        if self.pending is not None:
+            _wait_quietly(self.pending[1])
+
     def close(self) -> None:
         """Drop the build in flight (its batch was never taken) and end the thread."""
         if self.pending is not None:

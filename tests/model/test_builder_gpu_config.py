@@ -32,7 +32,8 @@ def test_interleaved_stages_at_pp2_are_refused_on_gpus_as_megatron_lm_refuses_th
     with pytest.raises(ValueError) as error:
         gpu_config(2, 2)
     message = str(error.value)
-    assert message.startswith("--num-layers-per-virtual-pipeline-stage with --pipeline-model-parallel-size 2 is refused")
+    assert message.startswith("Interleaved pipeline stages (--num-virtual-stages-per-pipeline-rank or "
+                              "--num-layers-per-virtual-pipeline-stage) with --pipeline-model-parallel-size 2 are refused")
     assert "multiple p2p sends and recvs between same 2 ranks per communication batch" in message
     assert gpu_config(4, 2).batch_p2p_comm and gpu_config(2, None).batch_p2p_comm  # the layouts it allows
     unbatched = builder.make_transformer_config(preset("tiny", num_layers=4), ParallelConfig(

@@ -136,8 +136,12 @@ def test_a_staged_step_counts_its_positions_and_runs_and_takes_loss_positions_on
 @pytest.mark.parametrize("flags, multiple", [
     (dict(), 1), (dict(tensor_model_parallel_size=2), 1),  # TP alone splits no sequence
     (dict(tensor_model_parallel_size=4, sequence_parallel=True), 4), (dict(fp8_format="hybrid"), 16),
-    (dict(tensor_model_parallel_size=8, sequence_parallel=True, fp8_format="e4m3"), 16),
-    (dict(tensor_model_parallel_size=3, sequence_parallel=True, fp8_format="e4m3"), 48)])
+    # Transformer Engine checks FP8 GEMM inputs as each rank holds them: the sequence-parallel shard.
+    (dict(tensor_model_parallel_size=8, sequence_parallel=True, fp8_format="e4m3"), 128),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, fp8_format="hybrid", fp8_recipe="tensorwise"), 32),
+    (dict(tensor_model_parallel_size=3, sequence_parallel=True, fp8_format="e4m3"), 48),
+    (dict(tensor_model_parallel_size=4, sequence_parallel=True, fp8_format="e4m3", fp8_recipe="blockwise"), 512),
+    (dict(fp8_format="e4m3", fp8_recipe="blockwise"), 16)])
 def test_the_length_multiple_is_what_sequence_parallelism_and_fp8_need(flags, multiple):
     from symnoise_megatron.training.batches import check_seq_length, required_length_multiple
 
@@ -150,7 +154,10 @@ def test_the_length_multiple_is_what_sequence_parallelism_and_fp8_need(flags, mu
      "--seq-length 1001 must be a multiple of 2 (--sequence-parallel splits it over --tensor-model-parallel-size 2): "
      "use 1000 or 1002"),
     (dict(fp8_format="hybrid"), "--seq-length 1001 must be a multiple of 16 (--fp8-format's GEMMs take multiples of "
-     "16 tokens): use 992 or 1008")])
+     "16 tokens): use 992 or 1008"),
+    (dict(tensor_model_parallel_size=8, sequence_parallel=True, fp8_format="hybrid"),
+     "--seq-length 1001 must be a multiple of 128 (--sequence-parallel splits it over --tensor-model-parallel-size 8; "
+     "--fp8-format's GEMMs take multiples of 16 tokens on each of the 8 sequence-parallel ranks): use 896 or 1024")])
 def test_a_seq_length_a_step_could_not_run_at_is_refused_at_start_up(flags, message):
     """Issue 24: not hours into a run, when the data first fills a row to an odd length."""
     from symnoise_megatron.training.batches import check_seq_length
@@ -167,3 +174,15 @@ def test_packed_pipeline_steps_fill_out_with_empty_rows_of_the_steps_length():
     rows = batches(groups_of(4), np.arange(4), StoredSamples([5, 90, 100, 110]))  # rows of 110 + 5, 100, 90; a filler
     assert len(rows) == 2 and rows[1].lengths[1].sum() == 0 and {mb.length for mb in rows} == {115}
     assert concatenate(rows).size == 4 and rows[1].tokens[1].eq(0).all()
+
+
+def test_static_packed_steps_fill_out_every_micro_batch_without_pipeline_stages():
+    """TP comm overlap's userbuffers and CUDA graphs take one shape: a step whose samples pack into
+    fewer rows than a micro-batch still hands the model --micro-batch-size rows."""
+    data = StoredSamples([50, 90, 20])  # two packed rows of 128 (140 > 128)
+    for static in (False, True):
+        rows = step_batches(pack_sequences=True, micro_batch_size=4, static_shapes=static)(
+            groups_of(3, 4), np.arange(3), data)
+        assert [mb.size for mb in rows] == [4 if static else 2]
+        assert (rows[0].length == 128) == static
+        assert sorted(int(u) for mb in rows for u in mb.sample_uids.unique() if u >= 0) == [0, 1, 2]

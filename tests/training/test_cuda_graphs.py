@@ -35,7 +35,7 @@ def recording_helper(calls):
     return Helper
 
 
-def capture_calls(steps, **flags):
+def capture_calls(steps, settle=False, **flags):
     from megatron.core.num_microbatches_calculator import get_num_microbatches, unset_num_microbatches_calculator
 
     calls = []
@@ -45,7 +45,7 @@ def capture_calls(steps, **flags):
     counted = get_num_microbatches()
     for _ in range(steps):
         calls.append(("step",))
-        capture.before_step()
+        capture.before_step(settle=(lambda: calls.append(("settle",))) if settle else None)
     unset_num_microbatches_calculator()
     return calls, counted
 
@@ -68,3 +68,10 @@ def test_nothing_is_captured_without_transformer_engine_graphs():
     for _ in range(5):
         capture.before_step()
     assert capture.helper is None
+
+
+def test_the_batches_built_in_the_background_are_finished_before_the_capture():
+    """A capture fails on CUDA calls from other threads (the prefetcher's pinned allocations):
+    the build in flight is waited for first, only at the capturing step."""
+    calls, _ = capture_calls(4, settle=True, cuda_graph_warmup_steps=2)
+    assert calls[1:] == [("step",), ("step",), ("step",), ("settle",), ("capture",), ("step",)]

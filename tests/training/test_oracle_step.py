@@ -76,15 +76,15 @@ def trainer_steps(jobs):
         trainer = Trainer(TrainingConfig.from_flags(**config), log=lambda message: None)
         record = {"samples": [], "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                   "tp_size": parallel_state.get_tensor_model_parallel_world_size()}
-        build_batches = trainer.batches
+        build_step = trainer.batches.staged
 
-        def recording(groups, indices, data):
+        def recording(groups, indices, data, noise):
             record["samples"] += [(uid, int(indices[i])) for group in groups for uid, i in group]
-            microbatches = build_batches(groups, indices, data)
-            record["rows"] = record.get("rows", 0) + sum(mb.size for mb in microbatches)
-            return microbatches
+            step = build_step(groups, indices, data, noise)
+            record["rows"] = record.get("rows", 0) + sum(staged.data.size for staged in step.staged)
+            return step
 
-        trainer.batches = recording
+        trainer.batches.staged = recording  # every step's batches, trained or validated, are built here
         try:
             if action == "evaluate":
                 record["loss"] = trainer.evaluate()

@@ -104,6 +104,7 @@ def test_the_precision_aware_optimizer_reaches_megatron_cores_optimizer_config()
     (dict(recompute_granularity="full", recompute_modules=["mlp"]), "--recompute-modules needs --recompute-granularity selective"),
     (dict(recompute_granularity="selective", recompute_modules=["moe"]), "--recompute-modules moe: use any of"),
     (dict(recompute_granularity="selective", recompute_modules=["layernorm"], fp8_format="e4m3"), "--fp8-recipe delayed"),
+    (dict(first_last_layers_bf16=True, fp8_format="hybrid"), "--first-last-layers-bf16 does not work with --fp8-recipe delayed"),
     (dict(manual_gc_interval=10), "--manual-gc-interval needs --manual-gc"),
     (dict(ddp_bucket_size=0), "--ddp-bucket-size must be at least 1"),
     (dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="triton"), "--cross-entropy-fusion-impl 'triton'"),

@@ -73,3 +73,25 @@ def test_batches_built_ahead_are_the_batches_of_their_turn_and_the_sampler_count
     resumed = GlobalBatchSampler(SampleOrder(37, seed=3), 8, 2, 1, 2)
     resumed.load_state_dict(sampler.state_dict())
     assert resumed.next_global_batch() == expected[3]
+
+
+def test_settle_waits_for_the_build_in_flight_and_keeps_its_result():
+    import threading
+
+    from symnoise_megatron.training.prefetch import Prefetcher
+
+    release, builds = threading.Event(), []
+
+    def build(key):
+        if key == 2:
+            release.wait(5)
+        builds.append(key)
+        return key * 10
+
+    prefetcher = Prefetcher(build)
+    assert prefetcher.get(1, 2) == 10
+    threading.Timer(0.2, release.set).start()
+    prefetcher.settle()
+    assert builds == [1, 2]  # finished before settle returned
+    assert prefetcher.get(2) == 20 and builds == [1, 2]  # taken from the background, not built again
+    prefetcher.close()

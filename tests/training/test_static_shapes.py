@@ -131,9 +131,68 @@ def test_the_flags_reach_megatron_cores_transformer_config():
     built = build_transformer_config(config, model, parallel_layout(config, model))
     assert built.tp_comm_overlap and built.cuda_graph_impl == "transformer_engine"
     assert built.cuda_graph_scope == [CudaGraphScope.attn, CudaGraphScope.mlp] and built.cuda_graph_warmup_steps == 2
+    assert built.use_te_rng_tracker  # the tracker a capture can take (runtime/parallel.py seeds it)
     plain = build_transformer_config(TrainingConfig.from_flags(data_path=["unused"], train_iters=1), model,
                                      parallel_layout(TrainingConfig(), model))
     assert not plain.tp_comm_overlap and plain.cuda_graph_impl == "none" and plain.cuda_graph_scope == []
+    assert not plain.use_te_rng_tracker
+
+
+def seeded_tracker_options(cuda_graphs):
+    """What initialize_distributed hands megatron-core's CUDA seeding on a GPU (a one-rank gloo
+    group here, with CUDA's answer and the seeding recorded)."""
+    from unittest import mock
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    from symnoise_megatron.model.parallelism import ParallelConfig
+    from symnoise_megatron.runtime.parallel import initialize_distributed
+
+    seeded = {}
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch.object(tensor_parallel, "model_parallel_cuda_manual_seed",
+                              lambda seed, **options: seeded.update(options, seed=seed)):
+        initialize_distributed(ParallelConfig(), backend="gloo", seed=7, cuda_graphs=cuda_graphs)
+    parallel_state.destroy_model_parallel()
+    return seeded
+
+
+@pytest.mark.distributed
+def test_cuda_graphs_seed_the_rng_tracker_a_capture_can_take():
+    """Megatron-LM's rule: with CUDA graphs, Transformer Engine's tracker on graph-safe generators
+    (the default one swaps the global generator's state at every fork: a capture refuses it)."""
+    from tests.distributed import run_distributed
+
+    plain, graphs = run_distributed(seeded_tracker_options, 1, False)[0], run_distributed(seeded_tracker_options, 1, True)[0]
+    assert graphs == {"seed": 7, "te_rng_tracker": True, "use_cudagraphable_rng": True}
+    assert plain == {"seed": 7, "te_rng_tracker": False, "use_cudagraphable_rng": False}
+
+
+@pytest.mark.parametrize("fp8, bf16_layers, modes", [
+    (False, False, ["none"]), (True, False, ["fp8"]), (True, True, ["fp8", "none"]), (False, True, ["none"])])
+def test_userbuffers_are_registered_for_each_precision_a_gemm_runs_in(monkeypatch, fp8, bf16_layers, modes):
+    """An FP8 run that keeps its first and last layers in BF16 runs GEMMs of both kinds, and each
+    asks Transformer Engine for the buffers of its own (a missing kind is an assertion at its
+    first forward). Transformer Engine's initialize_ub recorded, as it is called."""
+    import enum
+    import sys
+    import types
+
+    import torch
+
+    from symnoise_megatron.runtime.userbuffers import initialize_tp_comm_overlap, userbuffer_modes
+
+    assert userbuffer_modes(fp8, bf16_layers) == modes
+    calls = []
+    base = types.SimpleNamespace(UserBufferQuantizationMode=enum.Enum("Mode", {"NONE": "none", "FP8": "fp8"}),
+                                 initialize_ub=lambda **kwargs: calls.append(kwargs))
+    pytorch = types.ModuleType("transformer_engine.pytorch")
+    pytorch.module = types.SimpleNamespace(base=base)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+    initialize_tp_comm_overlap([8192, 64], 2, userbuffer_modes(fp8, bf16_layers), torch.float32)
+    assert [mode.value for mode in calls[0]["quantization_modes"]] == modes
+    assert calls[0]["dtype"] is torch.float32 and calls[0]["shape"] == [8192, 64] and calls[0]["tp_size"] == 2
 
 
 def test_the_userbuffers_take_the_static_micro_batchs_tokens():

@@ -87,14 +87,14 @@ def worker(args):
     with runtime_for_this_machine():
         trainer = Trainer(training_config(args, args.megatron_dir, args.data_prefix, args.noise_kind, tp, pp), log=lambda m: None)
         counted = []
-        build = trainer.batches
+        build = trainer.batches.staged
 
-        def counting(groups, indices, data):
-            microbatches = build(groups, indices, data)
-            counted.append(real_tokens(microbatches))
-            return microbatches
+        def counting(groups, indices, data, noise):
+            step = build(groups, indices, data, noise)
+            counted.append(real_tokens([staged.data for staged in step.staged]))
+            return step
 
-        trainer.batches = counting
+        trainer.batches.staged = counting  # every step's batches are built here (ahead, by the prefetcher)
         times, losses = [], []
         for _ in range(args.warmup + args.steps):
             dist.barrier()

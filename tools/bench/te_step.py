@@ -79,7 +79,12 @@ def run(args, device: str) -> int:
         noise_pairing="concat", eval_interval=None, log_interval=10 ** 6, split="100,0")
     trainer = Trainer(config, log=lambda message: None)
     microbatches = packed_microbatches(SFTIndexedData(prefix), args.seq_length, args.rows)
-    trainer.batches = lambda *unused: microbatches  # the same packed rows, filler included, every step
+
+    class FixedRows(type(trainer.batches)):
+        def __call__(self, *unused):
+            return microbatches  # the same packed rows, filler included, every step, staged as a run stages its own
+
+    trainer.batches.__class__ = FixedRows
     watched = {name: param for chunk in trainer.chunks for name, param in chunk.module.named_parameters()
                if name.removeprefix("module.") in WATCHED}
     spec = "te" if any(built_with_transformer_engine(chunk) for chunk in trainer.chunks) else "local"
