@@ -101,7 +101,7 @@ def test_every_shell_block_says_where_it_runs():
     wrong += [f"{block.where}: a runs-on marker on a ```{block.language or ' '} block (only shell blocks run)"
               for block in ALL_BLOCKS if block.kind is not None and block.language not in SHELL_LANGUAGES]
     assert not wrong, "\n".join(wrong)
-    assert {block.kind for block in SHELL_BLOCKS} == set(KINDS)
+    assert {"cpu", "gpu", "cluster"} <= {block.kind for block in SHELL_BLOCKS}  # the test has something to run and to parse
 
 
 # ---- parsing -------------------------------------------------------------------------------------
