@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -38,8 +39,11 @@ def run(command, **kwargs):
 
 
 def this_venvs_versions(path):
-    """A constraints file pinning every distribution of this interpreter to its installed version."""
-    pins = sorted({f"{dist.metadata['Name']}=={dist.version}" for dist in importlib.metadata.distributions()
+    """A constraints file pinning every distribution installed in this interpreter's site-packages
+    to its version. Only there: once setuptools is imported, sys.path also holds its vendored
+    packages, whose other versions of the same names (packaging, ...) pip cannot satisfy together."""
+    site = list(dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib")))
+    pins = sorted({f"{dist.metadata['Name']}=={dist.version}" for dist in importlib.metadata.distributions(path=site)
                    if dist.metadata["Name"] and dist.metadata["Name"].lower() != "symnoise-megatron"})
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(pins) + "\n")
