@@ -4,6 +4,8 @@
   torchrun --nproc-per-node 8 -m symnoise_megatron.finetune --config run.yaml    # the same, by module name
 """
 
+import os
+
 import torch.distributed as dist
 
 from symnoise_megatron.commands.errors import exits_on_user_error
@@ -18,10 +20,6 @@ def main(argv=None) -> int:
     config.validate()
     from symnoise_megatron.training.loop import Trainer
 
-    def rank0_print(message):
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(message, flush=True)
-
     def run():
         try:
             Trainer(config, log=rank0_print).run()
@@ -31,3 +29,11 @@ def main(argv=None) -> int:
     with runtime_for_this_machine():
         run()
     return 0
+
+
+def rank0_print(message: str) -> None:
+    """Print on the job's first rank only: torchrun's RANK before the process group exists (the
+    data's split and the checks before it are logged then), the group's rank after."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, flush=True)
