@@ -271,6 +271,11 @@ class PrecisionOptions:
                              "tensorwise or blockwise")
 
     @property
+    def keeps_layers_in_bf16(self) -> bool:
+        """Whether --first-last-layers-bf16 keeps any layer out of FP8 (its GEMMs then run in both)."""
+        return self.first_last_layers_bf16 and self.num_layers_at_start_in_bf16 + self.num_layers_at_end_in_bf16 > 0
+
+    @property
     def params_dtype(self):
         import torch
 

@@ -87,20 +87,20 @@ class Trainer:
         self.provenance = start_record(config, self.datasets, self.model_config, self.parallel, self.noise,
                                        self.start.resuming, log)
         options = config.optimizer
-        check_interleaving(self.parallel, self.noise.microbatches_per_step(
-            options.global_batch_size // (options.micro_batch_size * self.dp_size)), self.noise.pairing == "microbatch"
-            and self.noise.is_symmetric)
+        # The micro-batches a step runs on this rank (both copies of each under microbatch pairing).
+        microbatches = self.noise.microbatches_per_step(
+            options.global_batch_size // (options.micro_batch_size * self.dp_size))
+        check_interleaving(self.parallel, microbatches, self.noise.pairing == "microbatch" and self.noise.is_symmetric)
         self.train_iters = train_iterations(config, len(self.datasets.train_indices))
 
         self.transformer_config = build_transformer_config(config, self.model_config, self.parallel)
-        precision = config.precision
         if config.performance.tp_comm_overlap:  # before the model: its layers look the buffers up when built
+            precision = config.precision
             initialize_tp_comm_overlap(userbuffer_shape(
                 config.data.seq_length, self.noise.rows_per_microbatch(options.micro_batch_size),
                 self.model_config.hidden_size, self.parallel.context_parallel_size),
-                self.parallel.tensor_model_parallel_size, userbuffer_modes(bool(precision.fp8_format), bf16_layers=(
-                    precision.first_last_layers_bf16 and precision.num_layers_at_start_in_bf16
-                    + precision.num_layers_at_end_in_bf16 > 0)), precision.params_dtype)
+                self.parallel.tensor_model_parallel_size,
+                userbuffer_modes(bool(precision.fp8_format), precision.keeps_layers_in_bf16), precision.params_dtype)
         self.chunks = build_training_chunks(config, self.model_config, self.noise, self.transformer_config, self.parallel,
                                             self.device, self.start.weights_source(), self.datasets.mean_sample_length, log)
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(config, self.chunks, self.train_iters)
@@ -115,8 +115,7 @@ class Trainer:
             self.sampler.batch_at(consumed), self.datasets.train_indices, self.datasets.train, self.noise), "train",
             self.device)
         self.cuda_graphs = CudaGraphCapture(
-            config, self.transformer_config, self.chunks, self.optimizer, *self._schedule_shape(self.noise),
-            self.noise.microbatches_per_step(options.global_batch_size // (options.micro_batch_size * self.dp_size)),
+            config, self.transformer_config, self.chunks, self.optimizer, *self._schedule_shape(self.noise), microbatches,
             self.dp_size)
         blend = self.datasets.blend_description(self.sampler.order, self.sampler.consumed_samples + (
             self.train_iters - self.iteration) * config.optimizer.global_batch_size)

@@ -183,6 +183,12 @@ def test_userbuffers_are_registered_for_each_precision_a_gemm_runs_in(monkeypatc
     from symnoise_megatron.runtime.userbuffers import initialize_tp_comm_overlap, userbuffer_modes
 
     assert userbuffer_modes(fp8, bf16_layers) == modes
+    from symnoise_megatron.training.arguments import TrainingConfig
+
+    kept = [TrainingConfig.from_flags(first_last_layers_bf16=True, num_layers_at_start_in_bf16=start,
+                                      num_layers_at_end_in_bf16=end).precision.keeps_layers_in_bf16
+            for start, end in ((1, 0), (0, 1), (0, 0))]
+    assert kept == [True, True, False] and not TrainingConfig().precision.keeps_layers_in_bf16
     calls = []
     base = types.SimpleNamespace(UserBufferQuantizationMode=enum.Enum("Mode", {"NONE": "none", "FP8": "fp8"}),
                                  initialize_ub=lambda **kwargs: calls.append(kwargs))
