@@ -9,7 +9,9 @@ groups (megatron-core's global parallel state, which both turn into the modules'
 ``ProcessGroupCollection`` when none is passed), DDP, the optimizer, the schedules and
 ``dist_checkpointing.save``.
 
-What differs is the checkpoint format's common part (the iteration, scheduler, sampler, noise
+Two things differ. The name of the CUDA graph capture regions in ``TransformerConfig``:
+``cuda_graph_scope`` under 0.16, ``cuda_graph_modules`` under 0.19, which migrates the old field
+with a deprecation warning (:func:`cuda_graph_regions_field`). And the checkpoint format's common part (the iteration, scheduler, sampler, noise
 settings: everything that is not a tensor shard). 0.16 writes it to ``common.pt`` beside the
 torch_dist files and reads only that; 0.19 writes it inside the torch_dist files, as one object
 ``common_state``, reads both, and dropped the ``common_strategy`` argument of
@@ -35,6 +37,16 @@ def megatron_core_version() -> Tuple[int, int]:
     """(major, minor) of the installed megatron-core."""
     major, minor = re.match(r"(\d+)\.(\d+)", importlib.metadata.version("megatron-core")).groups()
     return int(major), int(minor)
+
+
+def cuda_graph_regions_field() -> str:
+    """The ``TransformerConfig`` field naming the layer parts a CUDA graph captures (attn, mlp)."""
+    import dataclasses
+
+    from megatron.core.transformer import TransformerConfig
+
+    names = {field.name for field in dataclasses.fields(TransformerConfig)}
+    return "cuda_graph_modules" if "cuda_graph_modules" in names else "cuda_graph_scope"
 
 
 def reads_common_state_inside() -> bool:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from symnoise_megatron.checkpoint.convert import model_config_of
+from symnoise_megatron.common.megatron_versions import cuda_graph_regions_field
 from symnoise_megatron.checkpoint.load import load_model_weights
 from symnoise_megatron.model.builder import build_model_chunks, make_transformer_config, transformer_engine_available
 from symnoise_megatron.model.config import ModelConfig, preset
@@ -140,7 +141,7 @@ def build_transformer_config(config: TrainingConfig, model_config: ModelConfig, 
         # are set up before the model is built (runtime/userbuffers.py).
         "tp_comm_overlap": performance.tp_comm_overlap,
         "cuda_graph_impl": performance.cuda_graph_impl,
-        "cuda_graph_scope": list(performance.cuda_graph_scope),
+        cuda_graph_regions_field(): list(performance.cuda_graph_scope),
         "cuda_graph_warmup_steps": performance.cuda_graph_warmup_steps,
         # The tracker runtime/parallel.py seeds for CUDA graphs (cuda_rng_tracker_options).
         "use_te_rng_tracker": performance.uses_cuda_graphs,

@@ -114,8 +114,7 @@ def test_userbuffers_and_cuda_graphs_are_refused_on_cpu_in_one_line_and_turn_on_
 
 
 def test_the_flags_reach_megatron_cores_transformer_config():
-    from megatron.core.transformer.enums import CudaGraphScope
-
+    from symnoise_megatron.common.megatron_versions import cuda_graph_regions_field
     from symnoise_megatron.model.config import preset
     from symnoise_megatron.training.arguments import TrainingConfig, build_parser
     from symnoise_megatron.training.model_chunks import build_transformer_config, parallel_layout
@@ -130,11 +129,13 @@ def test_the_flags_reach_megatron_cores_transformer_config():
     model = preset("tiny")
     built = build_transformer_config(config, model, parallel_layout(config, model))
     assert built.tp_comm_overlap and built.cuda_graph_impl == "transformer_engine"
-    assert built.cuda_graph_scope == [CudaGraphScope.attn, CudaGraphScope.mlp] and built.cuda_graph_warmup_steps == 2
+    # megatron-core's enums (CudaGraphScope under 0.16, CudaGraphModule under 0.19), by name.
+    regions = cuda_graph_regions_field()
+    assert [scope.name for scope in getattr(built, regions)] == ["attn", "mlp"] and built.cuda_graph_warmup_steps == 2
     assert built.use_te_rng_tracker  # the tracker a capture can take (runtime/parallel.py seeds it)
     plain = build_transformer_config(TrainingConfig.from_flags(data_path=["unused"], train_iters=1), model,
                                      parallel_layout(TrainingConfig(), model))
-    assert not plain.tp_comm_overlap and plain.cuda_graph_impl == "none" and plain.cuda_graph_scope == []
+    assert not plain.tp_comm_overlap and plain.cuda_graph_impl == "none" and getattr(plain, regions) == []
     assert not plain.use_te_rng_tracker
 
 
